@@ -1,0 +1,5 @@
+import sys
+
+from reopold.cli import main
+
+sys.exit(main())

@@ -1,0 +1,152 @@
+"""Rollouts: the student samples n answers per prompt. A rollout engine is anything with ``generate``; the default
+is Hugging Face ``generate`` with a KV cache, which is also the CPU path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """A batch of prompts with one sampled (or given) response each, laid out for teacher-forced scoring.
+
+    Rows are ``[left-padded prompt | response, right-padded]``. Row ``i`` answers ``problems[i]``; the n samples of
+    a prompt are consecutive rows.
+    """
+
+    input_ids: torch.Tensor  # (B, P + T) token ids; padding holds the pad id
+    attention_mask: torch.Tensor  # (B, P + T) 1 on real prompt and response tokens
+    completion_mask: torch.Tensor  # (B, T) bool, response tokens up to and including EOS
+    prompt_length: int  # P, the padded prompt width
+    problems: list = field(default_factory=list)  # (B,) the task problem behind each row
+    texts: list[str] = field(default_factory=list)  # (B,) decoded responses, special tokens removed
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_length :]  # (B, T)
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        # Positions count real tokens only, as generate() does with left padding; a forward pass with the default
+        # arange positions would score the sampled tokens under a shifted context.
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P + T)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: list[int] | torch.Tensor) -> Rollout:
+        """The sub-batch of the given rows, trimmed to its longest response."""
+        index = torch.as_tensor(rows, dtype=torch.long)
+        mask = self.completion_mask[index]
+        width = int(mask.sum(-1).max().item()) if len(index) else 0
+        end = self.prompt_length + max(width, 1)
+        return replace(
+            self,
+            input_ids=self.input_ids[index, :end],
+            attention_mask=self.attention_mask[index, :end],
+            completion_mask=mask[:, : max(width, 1)],
+            problems=[self.problems[i] for i in index.tolist()] if self.problems else [],
+            texts=[self.texts[i] for i in index.tolist()] if self.texts else [],
+        )
+
+    def to(self, device: torch.device | str) -> Rollout:
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            completion_mask=self.completion_mask.to(device),
+        )
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompt_ids: list[list[int]], problems: list, *, num_samples: int) -> Rollout: ...
+
+
+def completion_mask_from(ids: torch.Tensor, eos_token_id: int | list[int]) -> torch.Tensor:
+    """(B, T) bool: every token up to and including the first EOS (all tokens when no EOS was sampled)."""
+    eos = torch.as_tensor(eos_token_id, device=ids.device).reshape(-1)
+    is_eos = torch.isin(ids, eos)  # (B, T)
+    eos_before = (is_eos.cumsum(-1) - is_eos.long()) > 0  # an EOS strictly earlier in the row
+    return ~eos_before
+
+
+def build_rollout(
+    prompt_ids: list[list[int]],
+    response_ids: list[list[int]],
+    problems: list,
+    *,
+    pad_token_id: int,
+    eos_token_id: int | list[int],
+    tokenizer=None,
+) -> Rollout:
+    """Lay out given prompts and responses (e.g. teacher answers for SFT) as a Rollout. Each response is cut after
+    its first EOS."""
+    width = max(len(p) for p in prompt_ids)
+    length = max(1, max(len(r) for r in response_ids))
+    batch = len(prompt_ids)
+    input_ids = torch.full((batch, width + length), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((batch, width + length), dtype=torch.long)
+    for i, (prompt, response) in enumerate(zip(prompt_ids, response_ids, strict=True)):
+        input_ids[i, width - len(prompt) : width] = torch.tensor(prompt, dtype=torch.long)
+        attention[i, width - len(prompt) : width] = 1
+        if response:
+            input_ids[i, width : width + len(response)] = torch.tensor(response, dtype=torch.long)
+    completion = input_ids[:, width:]
+    mask = completion_mask_from(completion, eos_token_id)
+    mask &= torch.arange(length)[None, :] < torch.tensor([len(r) for r in response_ids])[:, None]
+    input_ids[:, width:] = torch.where(mask, completion, torch.full_like(completion, pad_token_id))
+    attention[:, width:] = mask.long()
+    texts = tokenizer.batch_decode(input_ids[:, width:] * mask, skip_special_tokens=True) if tokenizer else []
+    return Rollout(input_ids, attention, mask, width, list(problems), texts)
+
+
+class HFRolloutEngine:
+    """Samples with ``model.generate`` (KV cache) at ``temperature`` from the model's full distribution.
+
+    top-k and top-p are switched off on purpose: the student's log-probs are taken from softmax(logits / T), so the
+    sampler must draw from exactly that distribution (a model's generation_config often sets top_k=50).
+    """
+
+    def __init__(self, model, tokenizer, *, max_new_tokens: int, temperature: float = 1.0, do_sample: bool = True):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.do_sample = do_sample
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], problems: list, *, num_samples: int = 1) -> Rollout:
+        from transformers import GenerationConfig
+
+        tokenizer = self.tokenizer
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompt_ids)
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompt_ids], device=device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
+        sampling = {"temperature": self.temperature, "top_k": 0, "top_p": 1.0} if self.do_sample else {}
+        config = GenerationConfig(
+            do_sample=self.do_sample, max_new_tokens=self.max_new_tokens, num_return_sequences=num_samples,
+            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, use_cache=True, **sampling,
+        )  # fmt: skip
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
+        self.model.train(was_training)
+        completion = out[:, width:]  # (B * n, T)
+        mask = completion_mask_from(completion, tokenizer.eos_token_id)
+        completion = torch.where(mask, completion, torch.full_like(completion, pad))
+        rows = torch.arange(len(prompt_ids), device=device).repeat_interleave(num_samples)
+        rollout = Rollout(
+            input_ids=torch.cat([input_ids[rows], completion], dim=1),
+            attention_mask=torch.cat([attention[rows], mask.long()], dim=1),
+            completion_mask=mask,
+            prompt_length=width,
+            problems=[problems[i] for i in rows.tolist()],
+            texts=tokenizer.batch_decode(completion, skip_special_tokens=True),
+        )
+        return rollout

@@ -1,0 +1,162 @@
+"""A training run from a config: pre-flight checks, loading, resuming, then the trainer.
+
+Cheap checks come first (config, paths, prompt files, the run folder, vocabularies), so a mistake fails in
+seconds, not after the models have loaded.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from reopold.algorithms import build_algorithm
+from reopold.checkpoint import latest_checkpoint, load_state, set_rng_state
+from reopold.config import ConfigError, load_config, save_config
+from reopold.data import PromptEncoder, PromptSampler, build_task
+from reopold.models import check_output_size, check_same_vocabulary, load_model, load_tokenizer, resolve_model
+from reopold.rollout import HFRolloutEngine
+from reopold.scoring import LocalTeacher, TokenScorer
+from reopold.train_config import TrainConfig
+from reopold.trainer import Trainer, TrainState
+
+CONFIG_FILE = "config.yaml"
+
+
+def prepare_run_dir(config: TrainConfig, resume: str | None) -> tuple[Path, Path | None]:
+    """The run folder, and the checkpoint to resume from (None for a fresh run)."""
+    if resume is not None:
+        run_dir = Path(resume)
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(f"{resume} has no complete checkpoint to resume from")
+        return run_dir, checkpoint
+    run_dir = Path(config.run.output_dir) / config.run_name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not config.run.overwrite:
+            raise FileExistsError(
+                f"run folder {run_dir} already exists. Resume it with `reopold train --resume {run_dir}`, "
+                "choose another --run.name, or pass --run.overwrite true to start it over"
+            )
+        shutil.rmtree(run_dir)
+    return run_dir, None
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> TrainConfig:
+    """The saved config of a run; only run.* keys may change on resume (e.g. run.steps to train longer)."""
+    bad = [o for o in overrides if not o.lstrip("-").startswith("run.")]
+    if bad:
+        raise ConfigError(f"only run.* keys can change when resuming; got {bad[0]!r}")
+    return load_config(TrainConfig, run_dir / CONFIG_FILE, overrides)
+
+
+def preflight_teacher(teacher_lm, tokenizer, task, problems, encode, max_new_tokens: int) -> float:
+    """The teacher's greedy accuracy on a few training problems; 0 means the checker or the data is wrong."""
+    engine = HFRolloutEngine(teacher_lm, tokenizer, max_new_tokens=max_new_tokens, do_sample=False)
+    rollout = engine.generate([encode(p.prompt) for p in problems], problems)
+    accuracy = sum(task.check(p, t) for p, t in zip(problems, rollout.texts, strict=True)) / len(problems)
+    if accuracy == 0:
+        raise ValueError(
+            f"the task's checker rejected all {len(problems)} of the teacher's greedy answers to training prompts "
+            f"(e.g. {rollout.texts[0][:200]!r} for answer {problems[0].answer!r}). Check data.answer_key, the answer "
+            "format, and rollout.max_new_tokens"
+        )
+    return accuracy
+
+
+def check_trackers(config: TrainConfig) -> None:
+    """Fail before loading anything when a requested logger is not installed."""
+    import importlib.util
+
+    wanted = {"tensorboard": config.run.tensorboard, "wandb": bool(config.run.wandb_project)}
+    for module, asked in wanted.items():
+        if asked and importlib.util.find_spec(module) is None:
+            raise ImportError(f"run.{'tensorboard' if module == 'tensorboard' else 'wandb_project'} needs {module}: "
+                              "pip install 'reopold[tracking]'")
+
+
+def train(config: TrainConfig, *, resume: str | None = None) -> Path:
+    """Run (or resume) training; returns the run folder."""
+    from accelerate import Accelerator
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight loading/saving bars would bury the training bar
+
+    from reopold.report import write_report
+    from reopold.tracking import MetricsLogger
+
+    check_trackers(config)
+    run_dir, checkpoint = prepare_run_dir(config, resume)
+    student_path = str(checkpoint) if checkpoint else config.student.model
+    resolve_model(student_path), resolve_model(config.teacher.model)
+    task = build_task(config.data)
+    train_problems = task.problems("train", config.data.train_problems)
+    eval_problems = task.problems(config.data.eval_split, config.data.eval_problems)
+    if not eval_problems:
+        raise ValueError(f"the {config.data.eval_split} split holds no problems; add prompts to the file")
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+
+    tokenizer = load_tokenizer(student_path)
+    check_same_vocabulary(tokenizer, load_tokenizer(config.teacher.model), student_path, config.teacher.model)
+    encode = PromptEncoder(tokenizer, config.data.chat_template)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.run.mixed_precision)
+    if config.rollout.prompts_per_step % accelerator.num_processes:
+        raise ConfigError(f"rollout.prompts_per_step must be a multiple of the {accelerator.num_processes} processes")
+
+    torch.manual_seed(config.run.seed)
+    student = load_model(student_path, dtype=config.student.dtype, device=accelerator.device)
+    student.eval()  # no dropout: old and current log-probs must come from the same function
+    if config.student.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    teacher_lm = load_model(config.teacher.model, dtype=config.teacher.dtype, device=accelerator.device,
+                            trainable=False)
+    check_output_size(student, tokenizer, student_path)
+    check_output_size(teacher_lm, tokenizer, config.teacher.model)
+    probe = train_problems[: config.data.preflight_problems]
+    if checkpoint is None and probe and all(p.answer is not None for p in probe):
+        preflight_teacher(teacher_lm, tokenizer, task, probe, encode, config.rollout.max_new_tokens)
+
+    teacher = LocalTeacher(teacher_lm, temperature=config.teacher.temperature,
+                           micro_batch_size=config.teacher.micro_batch_size)
+    teacher_engine = HFRolloutEngine(teacher_lm, tokenizer, max_new_tokens=config.rollout.max_new_tokens,
+                                     temperature=config.rollout.temperature)
+    policy = TokenScorer(student, temperature=config.rollout.temperature)
+    optim = config.optim
+    optimizer = torch.optim.AdamW(student.parameters(), lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2),
+                                  weight_decay=optim.weight_decay)
+    warmup = optim.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / warmup) if warmup else 1.0)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        save_config(config, run_dir / CONFIG_FILE)
+    state = TrainState()
+    if checkpoint is not None:
+        saved = load_state(checkpoint)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = TrainState(**saved["train_state"])
+        set_rng_state(saved["rng"])
+    logger = MetricsLogger(run_dir, tensorboard=config.run.tensorboard,
+                           wandb={"project": config.run.wandb_project, "name": config.run_name}
+                           if config.run.wandb_project else None,
+                           resume=checkpoint is not None,
+                           truncate_after_step=state.step if checkpoint is not None else None)
+    trainer = Trainer(
+        config, run_dir, accelerator=accelerator, policy=policy, student=student, tokenizer=tokenizer,
+        teacher=teacher, teacher_engine=teacher_engine, task=task,
+        sampler=PromptSampler(train_problems, config.rollout.prompts_per_step, config.run.seed),
+        eval_problems=eval_problems, encode=encode, algorithm=build_algorithm(config, len(tokenizer)),
+        logger=logger, optimizer=optimizer, scheduler=scheduler,
+    )  # fmt: skip
+    trainer.state = state
+    try:
+        trainer.fit()
+    finally:
+        logger.close()
+        if config.run.report and accelerator.is_main_process:
+            write_report(run_dir, title=f"{config.run_name}: {config.algo.name}")
+    return run_dir

@@ -1,0 +1,90 @@
+"""Teacher-forced scoring of responses: log-prob of each response token and the entropy of the model's full
+next-token distribution at that position, computed chunk by chunk from the final hidden states.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from reopold.core import logprobs_and_entropy, logprobs_from_hidden
+from reopold.rollout import Rollout
+
+
+def _plain_lm_head(lm) -> bool:
+    """True when logits are exactly ``lm_head(final hidden)``; soft-capped or scaled logits need the slow path."""
+    config = lm.config
+    get = lambda key: getattr(config, key, None) or getattr(getattr(config, "text_config", None), key, None)
+    return get("final_logit_softcapping") is None and get("logit_scale") in (None, 1.0) and hasattr(lm, "get_decoder")
+
+
+class TokenScorer(torch.nn.Module):
+    """Wraps a causal LM so that one forward pass returns response log-probs and entropies.
+
+    It is a Module so accelerate/DDP can wrap it: the forward that computes the loss then goes through the wrapper
+    and gradients are synchronised across ranks. ``self.lm`` stays the plain HF model for generate/save_pretrained.
+    """
+
+    def __init__(self, lm, *, temperature: float = 1.0, chunk_size: int = 1024):
+        super().__init__()
+        self.lm = lm
+        self.temperature = temperature
+        self.chunk_size = chunk_size
+
+    def forward(self, rollout: Rollout, with_entropy: bool = True, return_logits: bool = False):
+        """(logprobs (B, T), entropy (B, T) or None) of the response tokens; with ``return_logits`` the full
+        (B, T, V) next-token logits at the response positions instead (for GKD)."""
+        start, end = rollout.prompt_length - 1, rollout.input_ids.shape[1] - 1  # positions that predict responses
+        tokens = rollout.completion_ids  # (B, T)
+        inputs = {
+            "input_ids": rollout.input_ids,
+            "attention_mask": rollout.attention_mask,
+            "position_ids": rollout.position_ids,
+        }
+        if return_logits:
+            return self.lm(**inputs).logits[:, start:end]
+        if _plain_lm_head(self.lm):
+            hidden = self.lm.get_decoder()(**inputs).last_hidden_state[:, start:end]  # (B, T, D)
+            head = self.lm.get_output_embeddings()
+            return logprobs_from_hidden(
+                hidden, head.weight, tokens, temperature=self.temperature, chunk_size=self.chunk_size,
+                with_entropy=with_entropy, lm_head_bias=head.bias,
+            )  # fmt: skip
+        logits = self.lm(**inputs).logits[:, start:end]  # (B, T, V)
+        return logprobs_and_entropy(
+            logits, tokens, temperature=self.temperature, chunk_size=self.chunk_size, with_entropy=with_entropy
+        )
+
+
+class Teacher(Protocol):
+    """What the trainer needs from a teacher: log-probs of given tokens, and full logits for GKD."""
+
+    def logprobs(self, rollout: Rollout) -> torch.Tensor: ...
+
+    def logits(self, rollout: Rollout, vocab_size: int | None = None) -> torch.Tensor: ...
+
+
+class LocalTeacher:
+    """A frozen Hugging Face model in this process, scored at ``temperature`` (default 1.0, the sampling one)."""
+
+    def __init__(self, lm, *, temperature: float = 1.0, chunk_size: int = 1024, micro_batch_size: int = 64):
+        self.scorer = TokenScorer(lm.eval().requires_grad_(False), temperature=temperature, chunk_size=chunk_size)
+        self.micro_batch_size = micro_batch_size
+
+    @torch.no_grad()
+    def logprobs(self, rollout: Rollout) -> torch.Tensor:
+        device = next(self.scorer.parameters()).device
+        parts = []
+        for start in range(0, len(rollout), self.micro_batch_size):
+            rows = list(range(start, min(start + self.micro_batch_size, len(rollout))))
+            part = rollout.select(rows).to(device)
+            logprobs, _ = self.scorer(part, with_entropy=False)
+            parts.append(torch.nn.functional.pad(logprobs, (0, rollout.completion_mask.shape[1] - logprobs.shape[1])))
+        return torch.cat(parts).to(rollout.input_ids.device)  # (B, T)
+
+    @torch.no_grad()
+    def logits(self, rollout: Rollout, vocab_size: int | None = None) -> torch.Tensor:
+        device = next(self.scorer.parameters()).device
+        logits = self.scorer(rollout.to(device), return_logits=True)
+        return (logits if vocab_size is None else logits[..., :vocab_size]).to(rollout.input_ids.device)

@@ -1,0 +1,190 @@
+"""The configuration of ``reopold train``: one dataclass tree, every field with a default and a help string.
+
+Field defaults are the paper's math-1.5B recipe (SPEC section 6, Table 7). ``reopold train`` without ``--config``
+starts from the bundled demo config instead (``configs/demo.yaml``), which sizes the run for a CPU.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from reopold.config import ConfigError, option
+
+ALGORITHMS = ("reopold", "rkl", "rkl_sg", "grpo", "sft", "gkd")
+# What each on-policy distillation algorithm switches on (SPEC section 7); None in the config means "as the
+# algorithm says", so `algo.name=reopold algo.two_phase=false` is the ablation without the two phases.
+ALGORITHM_SWITCHES = {
+    "reopold": {"stop_gradient": True, "reward_floor": True, "entropy_selection": True, "two_phase": True},
+    "rkl": {"stop_gradient": False, "reward_floor": False, "entropy_selection": False, "two_phase": False},
+    "rkl_sg": {"stop_gradient": True, "reward_floor": False, "entropy_selection": False, "two_phase": False},
+}
+
+
+@dataclass
+class StudentConfig:
+    model: str = option("demo-student", "student pi_theta: a Hugging Face causal LM name or local path "
+                        "('demo-student' is the bundled one)")
+    dtype: str = option("float32", "weights dtype of the student", choices=("float32", "bfloat16"))
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+
+
+@dataclass
+class TeacherConfig:
+    model: str = option("demo-teacher", "teacher pi_T: a Hugging Face causal LM name or local path with the "
+                        "student's vocabulary ('demo-teacher' is the bundled one)")
+    dtype: str = option("float32", "weights dtype of the teacher", choices=("float32", "bfloat16", "float16"))
+    temperature: float = option(1.0, "temperature at which the teacher scores tokens (SPEC 2: default 1.0)")
+    micro_batch_size: int = option(64, "responses per teacher forward pass")
+
+
+@dataclass
+class DataConfig:
+    task: str = option("arithmetic", "a bundled verifiable task ('arithmetic'), or 'prompts' to read data.prompts")
+    digits: list[int] = option([3, 2], "digits of the two factors of the arithmetic task")
+    prompts: str | None = option(None, "JSONL file or dataset saved with save_to_disk, for data.task=prompts")
+    prompt_key: str = option("prompt", "field holding the prompt text")
+    answer_key: str = option("answer", "field holding the reference answer (needed by grpo and evaluation)")
+    chat_template: str = option("auto", "wrap prompts in the tokenizer's chat template: auto = when it has one",
+                                choices=("auto", "on", "off"))
+    train_problems: int = option(20000, "size of the training prompt pool (at most the split's size)")
+    eval_problems: int = option(1000, "held-out problems per evaluation")
+    preflight_problems: int = option(16, "training prompts the teacher answers greedily before training to "
+                                     "check that the task's checker accepts its answers; 0 skips the check")
+    eval_split: str = option("test", "held-out split used for evaluation", choices=("validation", "test"))
+
+
+@dataclass
+class AlgoConfig:
+    name: str = option("reopold", "objective: reopold, rkl, rkl_sg, grpo, sft or gkd (SPEC section 7)",
+                       choices=ALGORITHMS)
+    lam: float = option(0.3, "lam: mixture weight of the reward floor log(lam)/(1-lam) (Eq. 7)")
+    beta: float = option(0.2, "beta: fraction of highest-entropy tokens kept in refinement (Eq. 8)")
+    switch_step: int | None = option(None, "T_switch: first refinement step (Eq. 10); None = a third of run.steps")
+    clip_eps: float = option(0.2, "eps of the PPO ratio clip (lower side)")
+    clip_eps_high: float | None = option(None, "upper PPO ratio clip; None = clip_eps")
+    stop_gradient: bool | None = option(None, "ablation: treat the reward as a constant, sg(R); None = algorithm's")
+    reward_floor: bool | None = option(None, "ablation: clip rewards at the floor; None = algorithm's")
+    entropy_selection: bool | None = option(None, "ablation: train only top-beta entropy tokens; None = algorithm's")
+    two_phase: bool | None = option(None, "ablation: exploration before T_switch; None = algorithm's")
+    gkd_beta: float = option(0.5, "beta of the generalized JSD for gkd (0 forward KL, 1 reverse KL)")
+    gkd_top_k: int | None = option(None, "gkd: restrict to the teacher's top-k tokens; None = full vocabulary")
+
+    def __post_init__(self):
+        if not 0 < self.lam < 1:
+            raise ConfigError(f"algo.lam must be in (0, 1) (the paper uses 0.3); got {self.lam}")
+        if not 0 < self.beta <= 1:
+            raise ConfigError(f"algo.beta must be in (0, 1] (the paper uses 0.2); got {self.beta}")
+        if self.clip_eps <= 0 or (self.clip_eps_high is not None and self.clip_eps_high <= 0):
+            raise ConfigError("algo.clip_eps and algo.clip_eps_high must be > 0")
+        if not 0 <= self.gkd_beta <= 1:
+            raise ConfigError(f"algo.gkd_beta must be in [0, 1]; got {self.gkd_beta}")
+        switches = [k for k in ALGORITHM_SWITCHES["reopold"] if getattr(self, k) is not None]
+        if switches and self.name not in ALGORITHM_SWITCHES:
+            raise ConfigError(f"algo.{switches[0]} is an ablation switch of reopold/rkl/rkl_sg; "
+                              f"it has no meaning for algo.name={self.name}. Remove it.")
+
+    def switches(self) -> dict[str, bool]:
+        """The four ablation switches in effect: the algorithm's, overridden by any set explicitly."""
+        base = ALGORITHM_SWITCHES.get(self.name, ALGORITHM_SWITCHES["reopold"])
+        return {k: base[k] if getattr(self, k) is None else getattr(self, k) for k in base}
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = option(128, "prompts sampled per rollout step")
+    samples_per_prompt: int = option(8, "responses the student samples per prompt (n)")
+    max_new_tokens: int = option(8192, "maximum response length in tokens")
+    temperature: float = option(1.0, "sampling temperature; student log-probs are taken at the same one")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = option(1e-5, "AdamW learning rate (constant after warmup)")
+    warmup_steps: int = option(0, "optimizer updates of linear warmup from 0")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    grad_clip: float = option(1.0, "maximum global gradient norm; 0 disables clipping")
+    mini_batch_prompts: int = option(32, "prompts per policy update; prompts_per_step / this = updates per rollout")
+    epochs: int = option(1, "passes over each rollout batch (PPO epochs)")
+    micro_batch_size: int = option(32, "responses per forward/backward (gradient accumulation inside an update)")
+
+
+@dataclass
+class RunConfig:
+    steps: int = option(300, "rollout steps k of the run")
+    seed: int = option(0, "seed of sampling, data order and initialisation")
+    output_dir: str = option("runs", "directory holding one folder per run")
+    name: str | None = option(None, "run folder name; None = '<algo>-seed<seed>'")
+    overwrite: bool = option(False, "delete an existing run folder of the same name instead of refusing to start")
+    eval_every: int = option(25, "evaluate every this many steps (and at the start and the end); 0 = never")
+    save_every: int = option(50, "checkpoint every this many steps (and at the end)")
+    keep_checkpoints: int = option(2, "checkpoints kept on disk (oldest removed first)")
+    max_bad_steps: int = option(3, "stop (with a checkpoint) after this many consecutive NaN/inf losses")
+    mixed_precision: str = option("no", "autocast: 'bf16' speeds up models above ~1M parameters on AMX CPUs and GPUs",
+                                  choices=("no", "bf16"))
+    threads: int | None = option(None, "torch CPU threads; None = torch's default")
+    tensorboard: bool = option(False, "also log to TensorBoard (pip install 'reopold[tracking]')")
+    wandb_project: str | None = option(None, "also log to this W&B project (pip install 'reopold[tracking]')")
+    progress: bool = option(True, "show a progress bar")
+    report: bool = option(True, "write report.md with plots at the end")
+
+
+@dataclass
+class TrainConfig:
+    student: StudentConfig = option(StudentConfig, "the model being trained")
+    teacher: TeacherConfig = option(TeacherConfig, "the frozen model that grades the student's tokens")
+    data: DataConfig = option(DataConfig, "prompts and the task that checks answers")
+    algo: AlgoConfig = option(AlgoConfig, "the objective and its paper symbols")
+    rollout: RolloutConfig = option(RolloutConfig, "on-policy sampling")
+    optim: OptimConfig = option(OptimConfig, "the policy update")
+    run: RunConfig = option(RunConfig, "length, seeds, outputs")
+
+    def __post_init__(self):
+        positive = {
+            "rollout.prompts_per_step": self.rollout.prompts_per_step,
+            "rollout.samples_per_prompt": self.rollout.samples_per_prompt,
+            "rollout.max_new_tokens": self.rollout.max_new_tokens,
+            "optim.mini_batch_prompts": self.optim.mini_batch_prompts,
+            "optim.micro_batch_size": self.optim.micro_batch_size,
+            "optim.epochs": self.optim.epochs,
+            "run.steps": self.run.steps,
+            "run.save_every": self.run.save_every,
+            "run.keep_checkpoints": self.run.keep_checkpoints,
+            "run.max_bad_steps": self.run.max_bad_steps,
+            "data.eval_problems": self.data.eval_problems,
+            "data.train_problems": self.data.train_problems,
+            "teacher.micro_batch_size": self.teacher.micro_batch_size,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{key} must be > 0; got {value}")
+        for key, value in {"rollout.temperature": self.rollout.temperature, "optim.lr": self.optim.lr,
+                           "teacher.temperature": self.teacher.temperature}.items():
+            if not value > 0:
+                raise ConfigError(f"{key} must be > 0; got {value}")
+        if self.rollout.prompts_per_step % self.optim.mini_batch_prompts:
+            raise ConfigError(f"rollout.prompts_per_step ({self.rollout.prompts_per_step}) must be a multiple of "
+                              f"optim.mini_batch_prompts ({self.optim.mini_batch_prompts})")
+        if self.algo.name == "grpo" and self.rollout.samples_per_prompt < 2:
+            raise ConfigError("grpo normalises rewards within each prompt's group: set rollout.samples_per_prompt >= 2")
+        if self.data.task == "prompts" and not self.data.prompts:
+            raise ConfigError("data.task=prompts needs data.prompts: a JSONL file or a dataset saved on disk")
+        if self.data.task not in ("prompts", "arithmetic"):
+            close = difflib.get_close_matches(self.data.task, ["arithmetic", "prompts"], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"data.task must be 'arithmetic' or 'prompts'; got '{self.data.task}'{hint}")
+        if self.algo.switch_step is not None and self.algo.switch_step < 0:
+            raise ConfigError(f"algo.switch_step must be >= 0 or None; got {self.algo.switch_step}")
+        if self.run.eval_every < 0:
+            raise ConfigError(f"run.eval_every must be >= 0; got {self.run.eval_every}")
+
+    @property
+    def switch_step(self) -> int:
+        """T_switch: the configured one, else a third of the steps (paper: 100/300, 50/200, 20/60, 10/40)."""
+        return self.run.steps // 3 if self.algo.switch_step is None else self.algo.switch_step
+
+    @property
+    def run_name(self) -> str:
+        return self.run.name or f"{self.algo.name}-seed{self.run.seed}"

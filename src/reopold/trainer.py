@@ -1,0 +1,247 @@
+"""The on-policy distillation loop. Each rollout step reads top to bottom:
+
+    rollout  the student samples n answers per prompt (the teacher does, for SFT)
+    score    pi_old log-probs and entropies, teacher log-probs of the same tokens, the task's verdicts
+    shape    rewards, keep masks and the entropy threshold, fixed for the whole step (reopold.core)
+    update   mini-batch policy-gradient steps, gradient accumulation over micro-batches
+
+Backends are injected: a rollout engine (HF generate), a teacher (a local HF model) and a task (prompts and an
+answer checker). accelerate handles devices, mixed precision and multi-process launch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from reopold.algorithms import ScoredRollout, Shaped
+from reopold.checkpoint import save_checkpoint
+from reopold.evaluation import evaluate
+from reopold.rollout import HFRolloutEngine, Rollout
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. repeated NaN losses); a checkpoint was written first."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # rollout steps completed
+    samples: int = 0  # responses trained on so far
+    elapsed: float = 0.0  # seconds of training, carried across resumes
+    skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient
+    bad_in_a_row: int = 0
+
+
+class Trainer:
+    def __init__(self, config, run_dir: Path, *, accelerator, policy, student, tokenizer, teacher, teacher_engine,
+                 task, sampler, eval_problems, encode, algorithm, logger, optimizer, scheduler):
+        self.config = config
+        self.run_dir = run_dir
+        self.accelerator = accelerator
+        self.policy = policy  # TokenScorer around the student, prepared (maybe DDP-wrapped) by accelerate
+        self.student = student  # the plain HF model inside it: generate, save_pretrained
+        self.tokenizer = tokenizer
+        self.teacher = teacher
+        self.task = task
+        self.sampler = sampler
+        self.eval_problems = eval_problems
+        self.encode = encode
+        self.algorithm = algorithm
+        self.logger = logger
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        rollout = config.rollout
+        self.engine = HFRolloutEngine(student, tokenizer, max_new_tokens=rollout.max_new_tokens,
+                                      temperature=rollout.temperature)
+        self.teacher_engine = teacher_engine
+        self.state = TrainState()
+        self.last_eval: dict = {}
+
+    # ---- one rollout step ----------------------------------------------------------------------------------
+    def rollout(self, problems: list) -> Rollout:
+        engine = self.teacher_engine if self.algorithm.rollout_source == "teacher" else self.engine
+        return engine.generate([self.encode(p.prompt) for p in problems], problems,
+                               num_samples=self.config.rollout.samples_per_prompt)
+
+    @torch.no_grad()
+    def score(self, rollout: Rollout) -> ScoredRollout:
+        with self.accelerator.autocast():
+            return self._score(rollout)
+
+    def _score(self, rollout: Rollout) -> ScoredRollout:
+        parts = [self.policy(rollout.select(rows)) for rows in self._chunks(range(len(rollout)))]
+        width = rollout.completion_mask.shape[1]
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))
+        old_logprobs = torch.cat([pad(lp) for lp, _ in parts])  # (B, T)
+        entropy = torch.cat([pad(h) for _, h in parts])  # (B, T)
+        verdicts = [self.task.check(p, text) for p, text in zip(rollout.problems, rollout.texts, strict=True)]
+        teacher_logprobs = self.teacher.logprobs(rollout) if self.algorithm.needs_teacher_logprobs else None
+        return ScoredRollout(rollout, old_logprobs, entropy, torch.tensor(verdicts, dtype=torch.float32),
+                             teacher_logprobs)
+
+    def update(self, scored: ScoredRollout, shaped: Shaped, step: int) -> dict:
+        """Policy updates over mini-batches of prompts; the loss of each is normalised by its global token count."""
+        config, accelerator = self.config, self.accelerator
+        n = config.rollout.samples_per_prompt
+        prompts = len(scored.rollout) // n
+        per_update = config.optim.mini_batch_prompts // accelerator.num_processes
+        order_rng = torch.Generator().manual_seed(self._step_seed(step))
+        losses, norms, clip_fracs, skipped = [], [], [], False
+        for _ in range(config.optim.epochs):
+            order = torch.randperm(prompts, generator=order_rng)
+            for start in range(0, prompts, per_update):
+                rows = (order[start : start + per_update, None] * n + torch.arange(n)).flatten().tolist()
+                num_tokens = accelerator.reduce(shaped.keep[rows].sum().float(), "sum")
+                total, clip = 0.0, []
+                for micro_rows in self._chunks(rows):
+                    micro = scored.select(micro_rows)
+                    micro_shaped = shaped.select(micro_rows, micro.rollout.completion_mask.shape[1])
+                    with accelerator.autocast():
+                        loss, metrics = self.algorithm.loss(self.policy, self.teacher, micro, micro_shaped,
+                                                            num_tokens)
+                    # DDP averages gradients over ranks; losses are normalised by the global count, so undo it.
+                    accelerator.backward(loss * accelerator.num_processes)
+                    total += loss.item()
+                    clip.append(metrics.get("clip_frac", torch.tensor(0.0)).item())
+                grad_norm = self._clip_gradients()
+                if not (math.isfinite(total) and math.isfinite(grad_norm)):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    skipped = True
+                    continue
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                losses.append(total)
+                norms.append(grad_norm)
+                clip_fracs.append(sum(clip) / len(clip))
+        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+        return {"loss": mean(losses), "grad_norm": mean(norms), "clip_frac": mean(clip_fracs), "skipped": skipped}
+
+    # ---- the run ---------------------------------------------------------------------------------------------
+    def fit(self) -> TrainState:
+        config, state = self.config, self.state
+        is_main = self.accelerator.is_main_process
+        if state.step == 0 and config.run.eval_every:
+            self.evaluate_and_log()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.run.steps, initial=state.step, disable=not (config.run.progress and is_main),
+                   desc=f"{config.algo.name}", dynamic_ncols=True)
+        while state.step < config.run.steps:
+            step = state.step
+            started = time.perf_counter()
+            torch.manual_seed(self._step_seed(step))
+            problems = self._local(self.sampler.batch(step))
+            rollout = self.rollout(problems)
+            rollout_done = time.perf_counter()
+            scored = self.score(rollout)
+            score_done = time.perf_counter()
+            shaped = self.algorithm.shape(scored, step=step, gather=self._gather)
+            if self._all_ranks(scored.is_finite()):
+                update = self.update(scored, shaped, step)
+            else:  # NaN/inf log-probs (student or teacher): no update from this step
+                update = {"loss": float("nan"), "grad_norm": float("nan"), "clip_frac": float("nan"), "skipped": True}
+            finished = time.perf_counter()
+
+            state.step += 1
+            state.samples += len(rollout) * self.accelerator.num_processes
+            state.elapsed += finished - started
+            state.skipped_steps += update["skipped"]
+            state.bad_in_a_row = state.bad_in_a_row + 1 if update["skipped"] else 0
+            record = {
+                "kind": "train", "step": state.step, "samples": state.samples, "time": state.elapsed,
+                "lr": self.scheduler.get_last_lr()[0], **shaped.metrics, **update,
+                "skipped_steps": state.skipped_steps, "rollout_seconds": rollout_done - started,
+                "score_seconds": score_done - rollout_done, "update_seconds": finished - score_done,
+            }  # fmt: skip
+            if is_main:
+                self.logger.log(record)
+            bar.update(1)
+            bar.set_postfix(self._postfix(record), refresh=False)
+
+            if state.bad_in_a_row >= config.run.max_bad_steps:
+                self.save()
+                raise TrainingStopped(
+                    f"{state.bad_in_a_row} steps in a row had a NaN/inf loss or gradient (step {state.step}); "
+                    f"stopped with a checkpoint in {self.run_dir}. Lower optim.lr or check the teacher's scores; "
+                    f"resume with: reopold train --resume {self.run_dir}"
+                )
+            last = state.step == config.run.steps
+            if config.run.eval_every and (state.step % config.run.eval_every == 0 or last):
+                self.evaluate_and_log()
+            if state.step % config.run.save_every == 0 or last:
+                self.save()
+        bar.close()
+        return state
+
+    def evaluate_and_log(self) -> dict:
+        if not self.accelerator.is_main_process:
+            return {}
+        data = self.config.data
+        metrics = evaluate(
+            self.student, self.tokenizer, self.task, self.eval_problems, self.encode,
+            max_new_tokens=self.config.rollout.max_new_tokens, teacher=self.teacher,
+            temperature=self.config.rollout.temperature, kl_problems=min(256, data.eval_problems),
+            seed=self.config.run.seed,
+        )  # fmt: skip
+        self.last_eval = metrics
+        self.logger.log({"kind": "eval", "step": self.state.step, "samples": self.state.samples,
+                         "time": self.state.elapsed, **metrics})
+        return metrics
+
+    def save(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "train_state": vars(self.state).copy(),
+        }
+        return save_checkpoint(self.run_dir, self.state.step, self.student, self.tokenizer, state,
+                               keep=self.config.run.keep_checkpoints)
+
+    # ---- helpers ---------------------------------------------------------------------------------------------
+    def _step_seed(self, step: int) -> int:
+        # Sampling and mini-batch order depend only on (seed, step, rank): a resumed run replays them exactly.
+        return (self.config.run.seed * 1_000_003 + step) * 64 + self.accelerator.process_index
+
+    def _chunks(self, rows):
+        rows = list(rows)
+        size = self.config.optim.micro_batch_size
+        return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+    def _local(self, problems: list) -> list:
+        """This rank's share of the step's prompts."""
+        return problems[self.accelerator.process_index :: self.accelerator.num_processes]
+
+    def _gather(self, values: torch.Tensor) -> torch.Tensor:
+        """1-D values of every rank, concatenated (for the global entropy threshold)."""
+        if self.accelerator.num_processes == 1:
+            return values
+        padded = self.accelerator.pad_across_processes(values, dim=0, pad_index=float("nan"))
+        gathered = self.accelerator.gather(padded)
+        return gathered[~torch.isnan(gathered)]
+
+    def _all_ranks(self, flag: bool) -> bool:
+        """True only when ``flag`` holds on every rank (ranks must agree on whether to update)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        return bool(self.accelerator.reduce(torch.tensor(float(not flag), device=self.accelerator.device), "sum") == 0)
+
+    def _clip_gradients(self) -> float:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else float("inf")
+        return float(self.accelerator.clip_grad_norm_(params, max_norm))
+
+    def _postfix(self, record: dict) -> dict:
+        keys = {"reward_mean": "R", "kept_frac": "kept", "entropy_mean": "H", "loss": "loss"}
+        postfix = {short: f"{float(record[k]):.3g}" for k, short in keys.items() if k in record}
+        if "accuracy" in self.last_eval:
+            postfix["acc"] = f"{self.last_eval['accuracy']:.3f}"
+        return postfix
