@@ -6,8 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from reopold import teacher_server
 from reopold.config import ConfigError, add_arguments, config_help, load_config
+from reopold.eval_command import COMMANDS as EVAL_COMMANDS
+from reopold.eval_command import add_commands as add_eval_commands
+from reopold.eval_command import run_command as run_eval_command
+from reopold.remote_teacher import TeacherUnavailable
 from reopold.train_config import TrainConfig
+from reopold.trainer import TrainingStopped
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
@@ -30,8 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(train, TrainConfig)
     report = commands.add_parser("report", help="(re)write report.md and plots of a run folder")
     report.add_argument("run_dir")
+    merge = commands.add_parser("merge", help="fold a LoRA checkpoint into its base model (plain HF model folder)")
+    merge.add_argument("checkpoint", help="a checkpoint folder or a run folder (its latest checkpoint)")
+    merge.add_argument("output", help="folder to write the merged model to")
+    merge.add_argument("--base", help="base model (default: the one recorded in adapter_config.json)")
+    teacher_server.add_command(commands)
     keys = commands.add_parser("keys", help="list every config key with its type, default and help")
     keys.set_defaults(command="keys")
+    add_eval_commands(commands)
     return parser
 
 
@@ -49,8 +61,14 @@ def main(argv: list[str] | None = None) -> int:
 
         print(write_report(args.run_dir))
         return 0
+    if args.command == "serve-teacher":
+        return teacher_server.run_command(args)
+    if args.command == "merge":
+        return merge_command(args)
     if rest and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command in EVAL_COMMANDS:
+        return run_eval_command(args)
     try:
         from reopold.run import resume_config, train
 
@@ -70,5 +88,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"reopold: error: {err}", file=sys.stderr)
         return 2
+    except (TrainingStopped, TeacherUnavailable) as err:
+        print(f"reopold: stopped: {err}", file=sys.stderr)
+        return 1
     print(f"done: {run_dir} (report: {run_dir / 'report.md'})")
+    return 0
+
+
+def merge_command(args) -> int:
+    from reopold.checkpoint import latest_checkpoint
+    from reopold.models import merge_adapter
+
+    checkpoint = Path(args.checkpoint)
+    if (checkpoint / "checkpoints").is_dir():
+        checkpoint = latest_checkpoint(checkpoint) or checkpoint
+    try:
+        print(merge_adapter(checkpoint, args.output, base=args.base))
+    except FileNotFoundError as err:
+        print(f"reopold: error: {err}", file=sys.stderr)
+        return 2
     return 0

@@ -1,13 +1,64 @@
-"""Held-out evaluation during training: greedy exact-answer accuracy, response length, and the reverse KL from
-the student to the teacher on the student's own samples (what on-policy distillation minimises).
+"""Sampling and grading answers to held-out problems, shared by the trainer's periodic evaluation and
+``reopold eval``: greedy exact-answer accuracy, response length, and the reverse KL from the student to the teacher
+on the student's own samples (what on-policy distillation minimises).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from reopold.checkers import Checker, TaskChecker
 from reopold.rollout import HFRolloutEngine
 from reopold.scoring import TokenScorer
+
+
+@dataclass(frozen=True)
+class GradedSample:
+    """One sampled answer to one problem and its verdict."""
+
+    problem: int  # index into the problems list
+    sample: int  # 0..n-1, in draw order
+    completion: str  # decoded response, special tokens removed
+    answer: str | None  # final answer parsed by the checker (None: none found)
+    correct: bool
+    length: int  # response tokens, EOS included
+
+
+@torch.no_grad()
+def sample_and_grade(
+    model,
+    tokenizer,
+    problems: list,
+    encode,
+    checker: Checker,
+    *,
+    num_samples: int = 1,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    batch_size: int = 256,
+) -> list[GradedSample]:
+    """``num_samples`` answers per problem (greedy, or sampled at ``temperature`` with top-k/top-p off), each
+    graded by ``checker``; problem-major order, a problem's samples consecutive in draw order.
+
+    ``batch_size`` bounds the sequences per ``generate`` call (at least one problem's ``num_samples``). Sampling uses
+    the global torch RNG: seed it (or fork it) around the call for reproducible samples.
+    """
+    engine = HFRolloutEngine(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
+                             do_sample=not greedy)
+    per_call = max(1, batch_size // num_samples)
+    graded = []
+    for start in range(0, len(problems), per_call):
+        chunk = problems[start : start + per_call]
+        rollout = engine.generate([encode(p.prompt) for p in chunk], chunk, num_samples=num_samples)
+        lengths = rollout.completion_mask.sum(-1).tolist()  # (B * n,)
+        for row, (problem, text) in enumerate(zip(rollout.problems, rollout.texts, strict=True)):
+            answer, correct = checker.grade(problem, text)
+            index, sample = divmod(row, num_samples)
+            graded.append(GradedSample(start + index, sample, text, answer, correct, int(lengths[row])))
+    return graded
 
 
 @torch.no_grad()
@@ -34,14 +85,13 @@ def evaluate(
 
     The training RNG is left untouched: sampling uses a forked RNG seeded with ``seed``.
     """
-    greedy = HFRolloutEngine(model, tokenizer, max_new_tokens=max_new_tokens, do_sample=False)
-    correct, lengths = 0, []
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start : start + batch_size]
-        rollout = greedy.generate([encode(p.prompt) for p in chunk], chunk)
-        correct += sum(task.check(p, text) for p, text in zip(chunk, rollout.texts, strict=True))
-        lengths.extend(rollout.completion_mask.sum(-1).tolist())
-    metrics = {"accuracy": correct / max(len(problems), 1), "response_length": sum(lengths) / max(len(lengths), 1)}
+    graded = sample_and_grade(model, tokenizer, problems, encode, TaskChecker(task), max_new_tokens=max_new_tokens,
+                              greedy=True, batch_size=batch_size)
+    answered = max(len(graded), 1)
+    metrics = {
+        "accuracy": sum(g.correct for g in graded) / answered,
+        "response_length": sum(g.length for g in graded) / answered,
+    }
     if teacher is None or kl_problems <= 0:
         return metrics
 

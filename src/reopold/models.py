@@ -85,3 +85,38 @@ def check_output_size(model, tokenizer, name: str) -> None:
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def apply_lora(model, lora, checkpoint: str | Path | None = None):
+    """Wrap ``model`` with PEFT LoRA adapters (fresh, or the trainable ones saved in ``checkpoint``)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if checkpoint is not None:
+        return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
+    targets = lora.target_modules
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+    )  # fmt: skip
+    return get_peft_model(model, config)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def merge_adapter(checkpoint: str | Path, output: str | Path, *, base: str | None = None) -> Path:
+    """Fold a LoRA checkpoint into its base model and save a plain HF model (with the tokenizer) to ``output``."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not is_adapter_dir(checkpoint):
+        raise FileNotFoundError(f"{checkpoint} holds no LoRA adapter (adapter_config.json); nothing to merge")
+    base = base or json.loads((Path(checkpoint) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(base))
+    merged = PeftModel.from_pretrained(model, str(checkpoint)).merge_and_unload()
+    merged.save_pretrained(output)
+    AutoTokenizer.from_pretrained(str(checkpoint)).save_pretrained(output)
+    return Path(output)

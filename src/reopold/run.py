@@ -15,7 +15,16 @@ from reopold.algorithms import build_algorithm
 from reopold.checkpoint import latest_checkpoint, load_state, set_rng_state
 from reopold.config import ConfigError, load_config, save_config
 from reopold.data import PromptEncoder, PromptSampler, build_task
-from reopold.models import check_output_size, check_same_vocabulary, load_model, load_tokenizer, resolve_model
+from reopold.models import (
+    apply_lora,
+    check_output_size,
+    check_same_vocabulary,
+    is_adapter_dir,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
+from reopold.remote_teacher import RemoteTeacher
 from reopold.rollout import HFRolloutEngine
 from reopold.scoring import LocalTeacher, TokenScorer
 from reopold.train_config import TrainConfig
@@ -24,8 +33,8 @@ from reopold.trainer import Trainer, TrainState
 CONFIG_FILE = "config.yaml"
 
 
-def prepare_run_dir(config: TrainConfig, resume: str | None) -> tuple[Path, Path | None]:
-    """The run folder, and the checkpoint to resume from (None for a fresh run)."""
+def prepare_run_dir(config: TrainConfig, resume: str | None, *, main: bool = True) -> tuple[Path, Path | None]:
+    """The run folder, and the checkpoint to resume from (None for a fresh run). Only the main process deletes."""
     if resume is not None:
         run_dir = Path(resume)
         checkpoint = latest_checkpoint(run_dir)
@@ -39,7 +48,8 @@ def prepare_run_dir(config: TrainConfig, resume: str | None) -> tuple[Path, Path
                 f"run folder {run_dir} already exists. Resume it with `reopold train --resume {run_dir}`, "
                 "choose another --run.name, or pass --run.overwrite true to start it over"
             )
-        shutil.rmtree(run_dir)
+        if main:
+            shutil.rmtree(run_dir)
     return run_dir, None
 
 
@@ -65,6 +75,16 @@ def preflight_teacher(teacher_lm, tokenizer, task, problems, encode, max_new_tok
     return accuracy
 
 
+class NullLogger:
+    """What processes other than the main one log to: nothing."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def check_trackers(config: TrainConfig) -> None:
     """Fail before loading anything when a requested logger is not installed."""
     import importlib.util
@@ -76,8 +96,12 @@ def check_trackers(config: TrainConfig) -> None:
                               "pip install 'reopold[tracking]'")
 
 
-def train(config: TrainConfig, *, resume: str | None = None) -> Path:
-    """Run (or resume) training; returns the run folder."""
+def train(config: TrainConfig, *, resume: str | None = None, engine=None) -> Path:
+    """Run (or resume) training; returns the run folder.
+
+    ``engine`` replaces the student's rollout engine (anything with RolloutEngine's ``generate``); by default
+    Hugging Face ``generate``.
+    """
     from accelerate import Accelerator
     from transformers.utils import logging as hf_logging
 
@@ -87,9 +111,16 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
     from reopold.tracking import MetricsLogger
 
     check_trackers(config)
-    run_dir, checkpoint = prepare_run_dir(config, resume)
-    student_path = str(checkpoint) if checkpoint else config.student.model
-    resolve_model(student_path), resolve_model(config.teacher.model)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.run.mixed_precision)
+    run_dir, checkpoint = prepare_run_dir(config, resume, main=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    # A LoRA checkpoint holds only the adapters: the base weights come from student.model.
+    adapters = checkpoint if checkpoint is not None and is_adapter_dir(checkpoint) else None
+    student_path = str(checkpoint) if checkpoint is not None and adapters is None else config.student.model
+    remote = config.teacher.url is not None
+    resolve_model(student_path)
+    if not remote:
+        resolve_model(config.teacher.model)
     task = build_task(config.data)
     train_problems = task.problems("train", config.data.train_problems)
     eval_problems = task.problems(config.data.eval_split, config.data.eval_problems)
@@ -99,32 +130,41 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
         torch.set_num_threads(config.run.threads)
 
     tokenizer = load_tokenizer(student_path)
-    check_same_vocabulary(tokenizer, load_tokenizer(config.teacher.model), student_path, config.teacher.model)
+    if remote:
+        teacher = RemoteTeacher(config.teacher.url, config.teacher.model, timeout=config.teacher.timeout,
+                                retries=config.teacher.retries, backoff=config.teacher.backoff,
+                                batch_size=config.teacher.micro_batch_size)
+        teacher.check_tokenizer(tokenizer)  # same ids for a probe text, or a clear error before any loading
+    else:
+        check_same_vocabulary(tokenizer, load_tokenizer(config.teacher.model), student_path, config.teacher.model)
     encode = PromptEncoder(tokenizer, config.data.chat_template)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.run.mixed_precision)
     if config.rollout.prompts_per_step % accelerator.num_processes:
         raise ConfigError(f"rollout.prompts_per_step must be a multiple of the {accelerator.num_processes} processes")
 
     torch.manual_seed(config.run.seed)
     student = load_model(student_path, dtype=config.student.dtype, device=accelerator.device)
-    student.eval()  # no dropout: old and current log-probs must come from the same function
     if config.student.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    teacher_lm = load_model(config.teacher.model, dtype=config.teacher.dtype, device=accelerator.device,
-                            trainable=False)
+    if config.lora.r > 0:
+        student = apply_lora(student, config.lora, adapters)
+    student.eval()  # train mode (dropout, checkpointing) only inside updates: see Trainer.update
     check_output_size(student, tokenizer, student_path)
-    check_output_size(teacher_lm, tokenizer, config.teacher.model)
-    probe = train_problems[: config.data.preflight_problems]
-    if checkpoint is None and probe and all(p.answer is not None for p in probe):
-        preflight_teacher(teacher_lm, tokenizer, task, probe, encode, config.rollout.max_new_tokens)
-
-    teacher = LocalTeacher(teacher_lm, temperature=config.teacher.temperature,
-                           micro_batch_size=config.teacher.micro_batch_size)
-    teacher_engine = HFRolloutEngine(teacher_lm, tokenizer, max_new_tokens=config.rollout.max_new_tokens,
-                                     temperature=config.rollout.temperature)
+    teacher_engine = None
+    if not remote:
+        teacher_lm = load_model(config.teacher.model, dtype=config.teacher.dtype, device=accelerator.device,
+                                trainable=False)
+        check_output_size(teacher_lm, tokenizer, config.teacher.model)
+        probe = train_problems[: config.data.preflight_problems]
+        if checkpoint is None and probe and all(p.answer is not None for p in probe):
+            preflight_teacher(teacher_lm, tokenizer, task, probe, encode, config.rollout.max_new_tokens)
+        teacher = LocalTeacher(teacher_lm, temperature=config.teacher.temperature,
+                               micro_batch_size=config.teacher.micro_batch_size)
+        teacher_engine = HFRolloutEngine(teacher_lm, tokenizer, max_new_tokens=config.rollout.max_new_tokens,
+                                         temperature=config.rollout.temperature)
     policy = TokenScorer(student, temperature=config.rollout.temperature)
     optim = config.optim
-    optimizer = torch.optim.AdamW(student.parameters(), lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2),
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2),
                                   weight_decay=optim.weight_decay)
     warmup = optim.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / warmup) if warmup else 1.0)
@@ -140,14 +180,17 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
         scheduler.load_state_dict(saved["scheduler"])
         state = TrainState(**saved["train_state"])
         set_rng_state(saved["rng"])
-    logger = MetricsLogger(run_dir, tensorboard=config.run.tensorboard,
-                           wandb={"project": config.run.wandb_project, "name": config.run_name}
-                           if config.run.wandb_project else None,
-                           resume=checkpoint is not None,
-                           truncate_after_step=state.step if checkpoint is not None else None)
+    logger = NullLogger()
+    if accelerator.is_main_process:
+        wandb = {"project": config.run.wandb_project, "name": config.run_name} if config.run.wandb_project else None
+        logger = MetricsLogger(run_dir, tensorboard=config.run.tensorboard, wandb=wandb, resume=checkpoint is not None,
+                               truncate_after_step=state.step if checkpoint is not None else None)
+    if engine is None:
+        engine = HFRolloutEngine(student, tokenizer, max_new_tokens=config.rollout.max_new_tokens,
+                                 temperature=config.rollout.temperature)
     trainer = Trainer(
         config, run_dir, accelerator=accelerator, policy=policy, student=student, tokenizer=tokenizer,
-        teacher=teacher, teacher_engine=teacher_engine, task=task,
+        teacher=teacher, engine=engine, teacher_engine=teacher_engine, task=task,
         sampler=PromptSampler(train_problems, config.rollout.prompts_per_step, config.run.seed),
         eval_problems=eval_problems, encode=encode, algorithm=build_algorithm(config, len(tokenizer)),
         logger=logger, optimizer=optimizer, scheduler=scheduler,

@@ -30,12 +30,26 @@ class StudentConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = option(0, "LoRA rank of the student's adapters (PEFT); 0 trains every weight")
+    alpha: float = option(16.0, "LoRA alpha: adapter updates are scaled by alpha / r")
+    dropout: float = option(0.0, "dropout on the adapters' input during updates")
+    target_modules: list[str] = option(["all-linear"], "modules that get adapters: names such as q_proj, v_proj, "
+                                       "or all-linear")
+
+
+@dataclass
 class TeacherConfig:
     model: str = option("demo-teacher", "teacher pi_T: a Hugging Face causal LM name or local path with the "
                         "student's vocabulary ('demo-teacher' is the bundled one)")
     dtype: str = option("float32", "weights dtype of the teacher", choices=("float32", "bfloat16", "float16"))
     temperature: float = option(1.0, "temperature at which the teacher scores tokens (SPEC 2: default 1.0)")
-    micro_batch_size: int = option(64, "responses per teacher forward pass")
+    micro_batch_size: int = option(64, "responses per teacher forward pass (per request with teacher.url)")
+    url: str | None = option(None, "score with a teacher server instead (vLLM or `reopold serve-teacher`), e.g. "
+                             "http://127.0.0.1:8000; teacher.model is then the served model name")
+    timeout: float = option(120.0, "seconds to wait for one teacher-server request")
+    retries: int = option(5, "retries of a failed teacher-server request (exponential backoff) before stopping")
+    backoff: float = option(1.0, "seconds before the first retry; doubles on each further one")
 
 
 @dataclass
@@ -134,6 +148,7 @@ class RunConfig:
 @dataclass
 class TrainConfig:
     student: StudentConfig = option(StudentConfig, "the model being trained")
+    lora: LoraConfig = option(LoraConfig, "train low-rank adapters instead of the whole student")
     teacher: TeacherConfig = option(TeacherConfig, "the frozen model that grades the student's tokens")
     data: DataConfig = option(DataConfig, "prompts and the task that checks answers")
     algo: AlgoConfig = option(AlgoConfig, "the objective and its paper symbols")
@@ -157,6 +172,8 @@ class TrainConfig:
             "data.train_problems": self.data.train_problems,
             "teacher.micro_batch_size": self.teacher.micro_batch_size,
         }
+        if self.lora.r < 0 or not 0 <= self.lora.dropout < 1:
+            raise ConfigError(f"lora.r must be >= 0 and lora.dropout in [0, 1); got {self.lora.r}, {self.lora.dropout}")
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{key} must be > 0; got {value}")
@@ -169,6 +186,14 @@ class TrainConfig:
                               f"optim.mini_batch_prompts ({self.optim.mini_batch_prompts})")
         if self.algo.name == "grpo" and self.rollout.samples_per_prompt < 2:
             raise ConfigError("grpo normalises rewards within each prompt's group: set rollout.samples_per_prompt >= 2")
+        if self.teacher.url is not None:
+            if not self.teacher.url.startswith(("http://", "https://")):
+                raise ConfigError(f"teacher.url must start with http:// or https://; got {self.teacher.url!r}")
+            if self.algo.name in ("gkd", "sft"):
+                raise ConfigError(f"algo.name={self.algo.name} needs a local teacher (full distributions or "
+                                  "teacher samples); unset teacher.url")
+            if self.teacher.temperature != 1.0:
+                raise ConfigError("a teacher server scores at temperature 1.0; unset teacher.temperature")
         if self.data.task == "prompts" and not self.data.prompts:
             raise ConfigError("data.task=prompts needs data.prompts: a JSONL file or a dataset saved on disk")
         if self.data.task not in ("prompts", "arithmetic"):

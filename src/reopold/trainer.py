@@ -21,7 +21,8 @@ import torch
 from reopold.algorithms import ScoredRollout, Shaped
 from reopold.checkpoint import save_checkpoint
 from reopold.evaluation import evaluate
-from reopold.rollout import HFRolloutEngine, Rollout
+from reopold.remote_teacher import TeacherUnavailable
+from reopold.rollout import Rollout
 
 
 class TrainingStopped(RuntimeError):
@@ -38,8 +39,8 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, config, run_dir: Path, *, accelerator, policy, student, tokenizer, teacher, teacher_engine,
-                 task, sampler, eval_problems, encode, algorithm, logger, optimizer, scheduler):
+    def __init__(self, config, run_dir: Path, *, accelerator, policy, student, tokenizer, teacher, engine,
+                 teacher_engine, task, sampler, eval_problems, encode, algorithm, logger, optimizer, scheduler):
         self.config = config
         self.run_dir = run_dir
         self.accelerator = accelerator
@@ -55,9 +56,7 @@ class Trainer:
         self.logger = logger
         self.optimizer = optimizer
         self.scheduler = scheduler
-        rollout = config.rollout
-        self.engine = HFRolloutEngine(student, tokenizer, max_new_tokens=rollout.max_new_tokens,
-                                      temperature=rollout.temperature)
+        self.engine = engine  # the student's sampler
         self.teacher_engine = teacher_engine
         self.state = TrainState()
         self.last_eval: dict = {}
@@ -86,11 +85,19 @@ class Trainer:
 
     def update(self, scored: ScoredRollout, shaped: Shaped, step: int) -> dict:
         """Policy updates over mini-batches of prompts; the loss of each is normalised by its global token count."""
+        self.student.train()  # dropout and activation checkpointing apply to updates only
+        try:
+            return self._update(scored, shaped, step)
+        finally:
+            self.student.eval()
+
+    def _update(self, scored: ScoredRollout, shaped: Shaped, step: int) -> dict:
         config, accelerator = self.config, self.accelerator
         n = config.rollout.samples_per_prompt
         prompts = len(scored.rollout) // n
         per_update = config.optim.mini_batch_prompts // accelerator.num_processes
-        order_rng = torch.Generator().manual_seed(self._step_seed(step))
+        # The step seed without the rank: every rank orders its own prompts the same way.
+        order_rng = torch.Generator().manual_seed(self._step_seed(step) - accelerator.process_index)
         losses, norms, clip_fracs, skipped = [], [], [], False
         for _ in range(config.optim.epochs):
             order = torch.randperm(prompts, generator=order_rng)
@@ -109,8 +116,10 @@ class Trainer:
                     total += loss.item()
                     clip.append(metrics.get("clip_frac", torch.tensor(0.0)).item())
                 grad_norm = self._clip_gradients()
+                if accelerator.num_processes > 1:  # each rank holds its share of the globally normalised loss
+                    total = float(accelerator.reduce(torch.tensor(total, device=accelerator.device), "sum"))
                 if not (math.isfinite(total) and math.isfinite(grad_norm)):
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.optimizer.zero_grad(set_to_none=True)  # skip this update, keep the weights
                     skipped = True
                     continue
                 self.optimizer.step()
@@ -139,7 +148,15 @@ class Trainer:
             problems = self._local(self.sampler.batch(step))
             rollout = self.rollout(problems)
             rollout_done = time.perf_counter()
-            scored = self.score(rollout)
+            try:
+                scored, failure = self.score(rollout), None
+            except TeacherUnavailable as err:
+                scored, failure = None, err
+            if not self._all_ranks(failure is None):  # every rank stops together, after one checkpoint
+                self.save()
+                raise TrainingStopped(f"{failure or 'the teacher failed on another rank'} Stopped with a checkpoint "
+                                      f"of step {state.step} in {self.run_dir}; resume with: "
+                                      f"reopold train --resume {self.run_dir}")
             score_done = time.perf_counter()
             shaped = self.algorithm.shape(scored, step=step, gather=self._gather)
             if self._all_ranks(scored.is_finite()):
@@ -183,12 +200,13 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return {}
         data = self.config.data
-        metrics = evaluate(
-            self.student, self.tokenizer, self.task, self.eval_problems, self.encode,
-            max_new_tokens=self.config.rollout.max_new_tokens, teacher=self.teacher,
-            temperature=self.config.rollout.temperature, kl_problems=min(256, data.eval_problems),
-            seed=self.config.run.seed,
-        )  # fmt: skip
+        kwargs = dict(max_new_tokens=self.config.rollout.max_new_tokens, temperature=self.config.rollout.temperature,
+                      kl_problems=min(256, data.eval_problems), seed=self.config.run.seed)
+        try:
+            metrics = evaluate(self.student, self.tokenizer, self.task, self.eval_problems, self.encode,
+                               teacher=self.teacher, **kwargs)
+        except TeacherUnavailable:  # keep the accuracy; the next scoring step stops the run if the server stays down
+            metrics = evaluate(self.student, self.tokenizer, self.task, self.eval_problems, self.encode, **kwargs)
         self.last_eval = metrics
         self.logger.log({"kind": "eval", "step": self.state.step, "samples": self.state.samples,
                          "time": self.state.elapsed, **metrics})

@@ -1,0 +1,233 @@
+"""A teacher behind an HTTP server: vLLM's OpenAI-compatible server (``vllm serve``) or ``reopold serve-teacher``.
+
+REOPOLD needs from the teacher only log pi_T(o_t | x, o_<t) of each token the student sampled. The completions API
+gives exactly that when the whole sequence (prompt + response, padding removed) is sent as the *prompt* and the
+server is asked for prompt log-probs without generating anything.
+
+What is sent and read, checked against vLLM's source (vllm-project/vllm; read for the field names only):
+
+POST {base_url}/v1/completions, fields of ``CompletionRequest`` in vllm/entrypoints/openai/completion/protocol.py
+(commit 002032ee2b18):
+    model              the served model name (``--served-model-name``, default the model path given to the server)
+    prompt             list[list[int]]: one token-id list per response, so a request carries a batch
+    echo: true, max_tokens: 0
+                       "echo without generation" (``to_sampling_params``: ``echo and max_tokens == 0``): the prompt
+                       is scored and no token is returned. (max_tokens=0 without echo fails: SamplingParams wants
+                       max_tokens >= 1.)
+    prompt_logprobs: 0 vLLM extra parameter: per prompt token, its own log-prob and 0 further top tokens
+    temperature: 1.0, top_p: 1.0, top_k: -1
+                       the V1 engine's default ``--logprobs-mode raw_logprobs`` returns log_softmax of the raw
+                       logits whatever these are (vllm/v1/sample/sampler.py); they are sent so that a server that
+                       post-processes log-probs, or applies a sampling default from generation_config.json, still
+                       returns temperature-1 log-probs. Remote teachers therefore score at temperature 1 only.
+
+Response: ``choices[i]`` answers ``prompt[i]`` (completion/serving.py builds choices in prompt order with
+``index=len(choices)``); ``choices[i].prompt_logprobs`` is ``list[dict[int, Logprob] | None]``
+(``CompletionResponseChoice``): entry 0 is null (the first token has no context), entry j >= 1 maps the token id,
+a JSON string key, to a ``Logprob`` object ``{"logprob": float, "rank": int | null, "decoded_token": str | null}``
+(vllm/logprobs.py). vLLM writes a -inf log-prob as -9999.0 (``clamp_prompt_logprobs``).
+
+POST {base_url}/tokenize (vLLM's Tokenizer API, docs/serving/openai_compatible_server.md; no /v1 prefix):
+``TokenizeCompletionRequest {model, prompt: str, add_special_tokens}`` -> ``TokenizeResponse {count,
+max_model_len, tokens: list[int], token_strs}``; used by the pre-flight tokenizer check.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+import torch
+
+from reopold.rollout import Rollout
+
+# Digits, operators, spaces, accents, CJK, an emoji, a tab and a newline: the places where tokenizers of one
+# family drift apart (normalisation, byte fallback, whitespace handling).
+DEFAULT_PROBE = "Distill 12 + 30 = 42; naïve café, 東京 🙂\n\tdone."
+MAX_DELAY = 60.0  # seconds: the longest wait between two attempts
+RETRY_STATUS = {408, 429, 500, 502, 503, 504}  # HTTP codes worth retrying: timeouts, overload, a restarting server
+
+
+class TeacherUnavailable(RuntimeError):
+    """The teacher server cannot score: it did not answer after every retry, refused a request, or answered with
+    something other than prompt log-probs. Training should checkpoint and stop (see docs/remote_teacher.md)."""
+
+
+class RemoteTeacher:
+    """The Teacher protocol (reopold.scoring) over HTTP: batched, with a timeout and retries with exponential backoff.
+
+    Args:
+        base_url: the server's root, e.g. ``http://gpu-box:8000`` (a trailing ``/v1`` is accepted and dropped).
+        model: the name the server serves the teacher under (vLLM: ``--served-model-name`` or the model path).
+        timeout: seconds one HTTP request may take before it counts as a failed attempt.
+        retries: further attempts after a failed one; the k-th retry waits ``backoff * 2**(k-1)`` seconds (at most
+            60), so ``retries=5, backoff=1`` rides out about 31 s of downtime before giving up.
+        batch_size: responses per request.
+        api_key: sent as ``Authorization: Bearer`` (vLLM ``--api-key``); None sends none.
+        sleep: how to wait between attempts (tests pass a recorder).
+    """
+
+    def __init__(self, base_url: str, model: str, *, timeout: float = 120.0, retries: int = 5, backoff: float = 1.0,
+                 batch_size: int = 64, api_key: str | None = None, sleep: Callable[[float], None] = time.sleep):
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"teacher url must start with http:// or https://; got {base_url!r}")
+        if timeout <= 0 or retries < 0 or backoff < 0 or batch_size < 1:
+            raise ValueError(f"need timeout > 0, retries >= 0, backoff >= 0, batch_size >= 1; got timeout={timeout}, "
+                             f"retries={retries}, backoff={backoff}, batch_size={batch_size}")
+        self.base_url = base_url.rstrip("/").removesuffix("/v1")
+        self.model = model
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.batch_size = batch_size
+        self.api_key = api_key
+        self.sleep = sleep
+
+    def logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """(B, T) float32: log pi_T of each response token given its prompt and the response before it.
+
+        Each row goes out as its real tokens only (left padding of the prompt and right padding of the response
+        removed), so the server scores exactly the sequence the student produced. Positions outside
+        ``completion_mask`` hold 0.0; rows with no response token are not sent.
+        """
+        prompt_length = rollout.prompt_length
+        rows, sequences, masks = [], [], []
+        for i in range(len(rollout)):
+            prompt = rollout.input_ids[i, :prompt_length][rollout.attention_mask[i, :prompt_length].bool()]
+            response = rollout.completion_ids[i][rollout.completion_mask[i]]
+            if len(response) == 0:
+                continue
+            if len(prompt) == 0:
+                raise ValueError(f"row {i} has an empty prompt: its first response token has no context to score")
+            rows.append(i)
+            sequences.append(prompt.tolist() + response.tolist())
+            masks.append(rollout.completion_mask[i].cpu())
+        out = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32)  # (B, T)
+        for start in range(0, len(sequences), self.batch_size):
+            batch = sequences[start : start + self.batch_size]
+            for k, entries in enumerate(self._prompt_logprobs(batch)):
+                row, sequence, mask = rows[start + k], batch[k], masks[start + k]
+                first = len(sequence) - int(mask.sum())  # index of the first response token in the sequence
+                values = [self._logprob(entries, j, sequence[j]) for j in range(first, len(sequence))]
+                out[row, mask] = torch.tensor(values, dtype=torch.float32)
+        return out.to(rollout.input_ids.device)
+
+    def logits(self, rollout: Rollout, vocab_size: int | None = None) -> torch.Tensor:
+        raise NotImplementedError(
+            "algo.name=gkd needs the teacher's full next-token distribution, which a completions server does not "
+            "return (only the log-probs of given tokens). Use a local teacher for gkd: set teacher.model and leave "
+            "teacher.url empty."
+        )
+
+    def check_tokenizer(self, tokenizer, probe_text: str = DEFAULT_PROBE) -> list[int]:
+        """Pre-flight: the server's tokenizer turns ``probe_text`` into the same ids as ``tokenizer`` (no special
+        tokens added on either side). Returns the ids; raises ValueError on a mismatch, TeacherUnavailable when the
+        server cannot be reached. Token ids are sent as they are, so two tokenizers that disagree here would make the
+        teacher score different tokens from the ones the student sampled."""
+        reply = self._call("/tokenize", {"model": self.model, "prompt": probe_text, "add_special_tokens": False})
+        remote = reply.get("tokens") if isinstance(reply, dict) else None
+        if not isinstance(remote, list):
+            raise TeacherUnavailable(f"{self.base_url}/tokenize answered without a 'tokens' list: {str(reply)[:200]}")
+        local = list(tokenizer(probe_text, add_special_tokens=False)["input_ids"])
+        if remote != local:
+            same = [a == b for a, b in zip(remote, local, strict=False)]
+            at = same.index(False) if False in same else len(same)  # first differing token
+            raise ValueError(
+                f"the teacher server at {self.base_url} tokenizes the probe {probe_text!r} differently from the "
+                f"student's tokenizer: {len(remote)} vs {len(local)} tokens, first difference at token {at} (server "
+                f"{remote[at : at + 5]}, student {local[at : at + 5]}). Teacher log-probs are looked up by the "
+                "student's token ids, so both sides need one tokenizer: serve a teacher of the student's model family."
+            )
+        return local
+
+    # ---- HTTP ------------------------------------------------------------------------------------------------
+    def _prompt_logprobs(self, batch: list[list[int]]) -> list[list]:
+        """The ``prompt_logprobs`` list of each sequence of the batch, in order."""
+        body = {
+            "model": self.model, "prompt": batch, "echo": True, "max_tokens": 0, "prompt_logprobs": 0,
+            "temperature": 1.0, "top_p": 1.0, "top_k": -1,
+        }  # fmt: skip
+        reply = self._call("/v1/completions", body)
+        choices = reply.get("choices") if isinstance(reply, dict) else None
+        if not isinstance(choices, list) or len(choices) != len(batch):
+            raise TeacherUnavailable(f"{self.base_url}/v1/completions answered {len(batch)} prompts with "
+                                     f"{len(choices) if isinstance(choices, list) else 'no'} choices")
+        choices = sorted(choices, key=lambda choice: choice.get("index", 0))
+        entries = [choice.get("prompt_logprobs") for choice in choices]
+        for sequence, entry in zip(batch, entries, strict=True):
+            if not isinstance(entry, list) or len(entry) != len(sequence):
+                raise TeacherUnavailable(
+                    f"{self.base_url}/v1/completions did not return prompt_logprobs for every prompt token; the "
+                    "server must support vLLM's prompt_logprobs parameter (vLLM, or reopold serve-teacher)"
+                )
+        return entries
+
+    def _logprob(self, entries: list, position: int, token: int) -> float:
+        entry = entries[position]
+        item = entry.get(str(token)) if isinstance(entry, dict) else None
+        if item is None:
+            raise TeacherUnavailable(f"{self.base_url} returned no log-prob for token {token} at position {position}")
+        return float(item["logprob"] if isinstance(item, dict) else item)
+
+    def _call(self, path: str, body: dict) -> dict:
+        """POST ``body`` as JSON; retry connection failures, timeouts and 408/429/5xx with exponential backoff."""
+        url = self.base_url + path
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = json.dumps(body).encode()
+        waited, last_error = 0.0, ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                delay = min(self.backoff * 2 ** (attempt - 1), MAX_DELAY)
+                self.sleep(delay)
+                waited += delay
+            request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    payload = response.read()
+            except urllib.error.HTTPError as err:  # before OSError: HTTPError is one
+                detail = _error_detail(err)
+                if err.code not in RETRY_STATUS:
+                    raise TeacherUnavailable(
+                        f"the teacher server at {url} rejected the request (HTTP {err.code}: {detail}); not retried. "
+                        f"Check that teacher.model names the served model ({self.base_url}/v1/models lists it) and "
+                        "that the server supports prompt_logprobs."
+                    ) from err
+                last_error = f"HTTP {err.code}: {detail}"
+                continue
+            except (OSError, http.client.HTTPException) as err:  # refused, reset, DNS, timeout
+                last_error = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+                continue
+            try:
+                return json.loads(payload)
+            except ValueError as err:
+                raise TeacherUnavailable(f"the teacher server at {url} answered non-JSON: {payload[:200]!r}") from err
+        raise TeacherUnavailable(
+            f"the teacher server at {url} did not answer after {self.retries + 1} attempts over {waited:.1f} s "
+            f"(last error: {last_error}). Check that it is running (reopold serve-teacher MODEL --port P, or vllm "
+            "serve MODEL) and reachable at teacher.url; raise teacher.retries or teacher.timeout to wait longer."
+        )
+
+
+def _error_detail(err: urllib.error.HTTPError) -> str:
+    """The message of an error body: vLLM's ``{"error": {"message": ...}}``, its older flat ``{"message": ...}``,
+    or the raw text."""
+    try:
+        text = err.read().decode(errors="replace")
+    except OSError:
+        return str(err.reason)
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text[:300] or str(err.reason)
+    if isinstance(body, dict):
+        inner = body.get("error")
+        message = inner.get("message") if isinstance(inner, dict) else body.get("message")
+        if message:
+            return str(message)[:300]
+    return text[:300]

@@ -1,0 +1,300 @@
+"""``reopold serve-teacher MODEL --port P``: any Hugging Face causal LM behind the part of vLLM's OpenAI-compatible
+API that RemoteTeacher uses, on CPU or GPU, with nothing but the standard library's HTTP server.
+
+Endpoints (request and response fields as vLLM names them; see reopold.remote_teacher for the vLLM sources):
+
+    POST /v1/completions  token-id prompts, ``echo: true``, ``max_tokens: 0``, ``prompt_logprobs: 0``: each choice's
+                          ``prompt_logprobs`` is ``[null, {"<id>": {"logprob", "rank": null, "decoded_token": null}},
+                          ...]``, the log-prob of every prompt token after the first at temperature 1. Nothing is
+                          generated; sampling fields (temperature, top_p, ...) are accepted and ignored.
+    POST /tokenize        ``{"prompt": str, "add_special_tokens": bool}`` -> ``{"count", "max_model_len", "tokens",
+                          "token_strs"}``
+    GET  /v1/models       ``{"object": "list", "data": [{"id", "object": "model", "owned_by", "max_model_len"}]}``
+    GET  /health          200, empty body
+
+Anything else gets a 400 (404 for an unknown path or model) with vLLM's error body ``{"error": {"message", "type",
+"param", "code"}}``. There is no authentication and no TLS: the default host is loopback; on a shared network put
+it behind something that adds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+import traceback
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+from reopold.models import DTYPES
+from reopold.rollout import Rollout
+from reopold.scoring import TokenScorer
+
+MAX_BODY_BYTES = 256 * 2**20  # a request larger than this is refused (413) before it is read
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class RequestError(Exception):
+    """A request the server will not serve; becomes an HTTP error with vLLM's error body."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.param = param
+
+
+class ServedModel:
+    """A frozen causal LM and its tokenizer. One forward pass at a time (a lock): threads only overlap the I/O."""
+
+    def __init__(self, lm, tokenizer, name: str, *, micro_batch_size: int = 16):
+        self.scorer = TokenScorer(lm.eval().requires_grad_(False))  # temperature 1: raw log-probs, as vLLM's
+        self.tokenizer = tokenizer
+        self.name = name
+        self.micro_batch_size = micro_batch_size
+        self.vocab_size = lm.get_output_embeddings().weight.shape[0]
+        self.max_model_len = getattr(lm.config, "max_position_embeddings", None) or tokenizer.model_max_length
+        self.device = next(lm.parameters()).device
+        self.lock = threading.Lock()
+
+    @torch.no_grad()
+    def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """log p(x_j | x_<j) for j = 1 .. len - 1 of every sequence, scored micro-batch by micro-batch."""
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths share a forward
+        out: list[list[float]] = [[] for _ in sequences]
+        pad = self.tokenizer.pad_token_id
+        with self.lock:
+            for start in range(0, len(order), self.micro_batch_size):
+                rows = order[start : start + self.micro_batch_size]
+                width = max(2, max(len(sequences[i]) for i in rows))
+                ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (b, L) right-padded
+                attention = torch.zeros((len(rows), width), dtype=torch.long)  # (b, L)
+                for k, i in enumerate(rows):
+                    ids[k, : len(sequences[i])] = torch.tensor(sequences[i])
+                    attention[k, : len(sequences[i])] = 1
+                # The whole sequence as a "response" after a one-token "prompt": TokenScorer then scores tokens 1..L-1
+                # the way LocalTeacher does (same lm-head handling, chunked over the vocabulary).
+                batch = Rollout(ids, attention, attention[:, 1:].bool(), prompt_length=1).to(self.device)
+                logprobs, _ = self.scorer(batch, with_entropy=False)  # (b, L - 1)
+                for k, i in enumerate(rows):
+                    out[i] = logprobs[k, : len(sequences[i]) - 1].float().cpu().tolist()
+        return out
+
+    def completions(self, body) -> dict:
+        sequences = self._parse_completion(body)
+        logprobs = self.prompt_logprobs(sequences)
+        with self.lock:  # a fast tokenizer is not safe to share between threads
+            texts = [self.tokenizer.decode(sequence) for sequence in sequences]
+        choices = []
+        for index, (sequence, values, text) in enumerate(zip(sequences, logprobs, texts, strict=True)):
+            entries = [None] + [
+                {str(token): {"logprob": max(value, -9999.0), "rank": None, "decoded_token": None}}  # vLLM clamps -inf
+                for token, value in zip(sequence[1:], values, strict=True)
+            ]
+            choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": "length",
+                            "stop_reason": None, "prompt_logprobs": entries})
+        prompt_tokens = sum(map(len, sequences))
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": self.name, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens},
+        }  # fmt: skip
+
+    def tokenize(self, body) -> dict:
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        self._check_model(body)
+        if "messages" in body:
+            raise RequestError("chat tokenization is not supported; send the text as 'prompt'", param="messages")
+        prompt, special = body.get("prompt"), body.get("add_special_tokens", True)
+        if not isinstance(prompt, str):
+            raise RequestError("'prompt' must be a string", param="prompt")
+        if not isinstance(special, bool):
+            raise RequestError("'add_special_tokens' must be true or false", param="add_special_tokens")
+        with self.lock:
+            tokens = list(self.tokenizer(prompt, add_special_tokens=special)["input_ids"])
+            strings = self.tokenizer.convert_ids_to_tokens(tokens) if body.get("return_token_strs") else None
+        return {"count": len(tokens), "max_model_len": self.max_model_len, "tokens": tokens, "token_strs": strings}
+
+    def models(self) -> dict:
+        card = {"id": self.name, "object": "model", "created": int(time.time()), "owned_by": "reopold",
+                "max_model_len": self.max_model_len}
+        return {"object": "list", "data": [card]}
+
+    def _check_model(self, body: dict) -> None:
+        if body.get("model") not in (None, self.name):
+            raise RequestError(f"The model `{body['model']}` does not exist; this server serves `{self.name}`",
+                               status=404, param="model")
+
+    def _parse_completion(self, body) -> list[list[int]]:
+        """The token-id prompts of a completions request, or a RequestError saying which field is wrong."""
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        self._check_model(body)
+        if body.get("stream"):
+            raise RequestError("stream=true is not supported (prompt_logprobs are not streamed)", param="stream")
+        if body.get("n", 1) not in (1, None):
+            raise RequestError("only n=1 is supported", param="n")
+        if body.get("max_tokens", 16) != 0 or body.get("echo") is not True:
+            raise RequestError("this server only scores prompts: send echo=true and max_tokens=0", param="max_tokens")
+        if body.get("logprobs") is not None:
+            raise RequestError("'logprobs' (of generated tokens) is not supported: nothing is generated; use "
+                               "prompt_logprobs", param="logprobs")
+        if body.get("prompt_logprobs") != 0 or isinstance(body.get("prompt_logprobs"), bool):
+            raise RequestError("set prompt_logprobs=0: the log-prob of each prompt token itself is all this server "
+                               "returns", param="prompt_logprobs")
+        prompt = body.get("prompt")
+        is_id = lambda x: isinstance(x, int) and not isinstance(x, bool)
+        if isinstance(prompt, list) and prompt and all(map(is_id, prompt)):
+            prompt = [prompt]  # one prompt given as a flat id list
+        if not (isinstance(prompt, list) and prompt and all(isinstance(p, list) and p for p in prompt)):
+            raise RequestError("'prompt' must be token ids: a non-empty list of non-empty lists of ints (text prompts "
+                               "are not supported)", param="prompt")
+        for i, sequence in enumerate(prompt):
+            if not all(is_id(t) and 0 <= t < self.vocab_size for t in sequence):
+                raise RequestError(f"prompt {i} holds a token id outside the vocabulary [0, {self.vocab_size})",
+                                   param="prompt")
+            if len(sequence) > self.max_model_len:
+                raise RequestError(f"prompt {i} has {len(sequence)} tokens, more than max_model_len "
+                                   f"{self.max_model_len}", param="prompt")
+        return prompt
+
+
+class TeacherHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True  # a stuck client never blocks shutdown
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], *, log_requests: bool = True):
+        super().__init__(address, TeacherRequestHandler)
+        self.model: ServedModel | None = None  # set once loaded: binding first makes a busy port fail fast
+        self.log_requests = log_requests
+
+
+class TeacherRequestHandler(BaseHTTPRequestHandler):
+    server: TeacherHTTPServer
+    GET_ROUTES = {"/health": None, "/v1/models": ServedModel.models}
+    POST_ROUTES = {"/v1/completions": ServedModel.completions, "/tokenize": ServedModel.tokenize}
+
+    def do_GET(self):
+        path = self.path.split("?")[0]
+        if path not in self.GET_ROUTES:
+            return self._error(RequestError(f"no route GET {path}", status=404))
+        route = self.GET_ROUTES[path]
+        if route is None:
+            return self._send(200, b"")
+        self._send(200, json.dumps(route(self.server.model)).encode())
+
+    def do_POST(self):
+        path = self.path.split("?")[0]
+        try:
+            if path not in self.POST_ROUTES:
+                raise RequestError(f"no route POST {path}", status=404)
+            body = self._read_json()
+            reply = self.POST_ROUTES[path](self.server.model, body)
+        except RequestError as err:
+            return self._error(err)
+        except Exception as err:  # a failed forward (e.g. out of memory): the client may retry a 500
+            traceback.print_exc()
+            return self._error(RequestError(f"{type(err).__name__}: {err}", status=500))
+        self._send(200, json.dumps(reply).encode())
+
+    def _read_json(self):
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise RequestError("a Content-Length header is required")
+        if int(length) > MAX_BODY_BYTES:
+            raise RequestError(f"request body over {MAX_BODY_BYTES} bytes; send fewer prompts per request", status=413)
+        try:
+            return json.loads(self.rfile.read(int(length)))
+        except ValueError as err:
+            raise RequestError(f"the request body is not valid JSON: {err}") from err
+
+    def _error(self, err: RequestError):
+        kind = {404: "NotFoundError", 413: "RequestTooLargeError", 500: "InternalServerError"}.get(err.status,
+                                                                                                  "BadRequestError")
+        body = {"error": {"message": str(err), "type": kind, "param": err.param, "code": err.status}}
+        self._send(err.status, json.dumps(body).encode())
+
+    def _send(self, status: int, payload: bytes):
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, format, *args):
+        if self.server.log_requests:
+            super().log_message(format, *args)
+
+
+def build_server(model: str, host: str = "127.0.0.1", port: int = 8000, *, dtype: str = "float32",
+                 device: str | None = None, served_model_name: str | None = None, micro_batch_size: int = 16,
+                 log_requests: bool = True) -> TeacherHTTPServer:
+    """Bind ``host:port`` (0: any free port, see ``server.server_address``), then load the model; the caller runs
+    ``serve_forever`` (in a thread, for tests) and ``shutdown`` + ``server_close`` to stop."""
+    from reopold.models import load_model, load_tokenizer
+
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1; got {micro_batch_size}")
+    try:
+        server = TeacherHTTPServer((host, port), log_requests=log_requests)
+    except OSError as err:
+        raise OSError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port") from err
+    try:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        lm = load_model(model, dtype=dtype, device=device, trainable=False)
+        server.model = ServedModel(lm, load_tokenizer(model), served_model_name or model,
+                                   micro_batch_size=micro_batch_size)
+    except BaseException:
+        server.server_close()
+        raise
+    return server
+
+
+def serve_teacher(model: str, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+    """Serve ``model`` until interrupted (Ctrl-C); ``options`` as in ``build_server``."""
+    server = build_server(model, host, port, **options)
+    if host not in LOOPBACK:
+        print(f"warning: listening on {host}: no authentication or TLS, so anyone who can reach this port can use "
+              "the model; keep it on a private network", file=sys.stderr)
+    bound_host, bound_port = server.server_address[:2]
+    print(f"serving {server.model.name} on {server.model.device} at http://{bound_host}:{bound_port} "
+          f"(teacher.url: http://{bound_host}:{bound_port}, teacher.model: {server.model.name})", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def add_command(subparsers) -> argparse.ArgumentParser:
+    """Register ``reopold serve-teacher`` on the CLI's subparsers."""
+    parser = subparsers.add_parser(
+        "serve-teacher", help="host a teacher for teacher.url (the completions subset vLLM speaks)",
+        description="Serve a Hugging Face causal LM as a remote teacher: POST /v1/completions with prompt_logprobs, "
+        "POST /tokenize, GET /v1/models, GET /health. Point training at it with --teacher.url http://HOST:PORT.",
+    )  # fmt: skip
+    parser.add_argument("model", metavar="MODEL", help="Hugging Face model name or local directory (or demo-teacher)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine "
+                        "only; 0.0.0.0 for every interface: there is no authentication, so private networks only)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights dtype (bfloat16 on GPU)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--served-model-name", default=None, help="the name clients send as 'model' (default: MODEL)")
+    parser.add_argument("--micro-batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    return parser
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run ``reopold serve-teacher`` from parsed arguments; the process exit code."""
+    try:
+        serve_teacher(args.model, args.host, args.port, dtype=args.dtype, device=args.device,
+                      served_model_name=args.served_model_name, micro_batch_size=args.micro_batch_size)
+    except (OSError, ValueError) as err:  # FileNotFoundError is an OSError
+        print(f"reopold: error: {err}", file=sys.stderr)
+        return 2
+    return 0

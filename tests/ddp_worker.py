@@ -1,0 +1,53 @@
+"""One process of the data-parallel equivalence test (run directly, or by torchrun with 2 gloo ranks).
+
+Rollouts come from a scripted engine (the task's gold solutions, one per valid path), so one process and two
+ranks train on exactly the same global batch and only the distributed reductions differ.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from reopold.config import from_dict
+from reopold.rollout import build_rollout
+from reopold.run import train
+from reopold.tasks import ArithmeticTask
+from reopold.train_config import TrainConfig
+
+
+class ScriptedEngine:
+    """Sample i of a prompt is its gold solution along path i, with a wrong final answer for odd i (so outcome
+    rewards differ within each group)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.task = ArithmeticTask(digits=(3, 2))
+
+    def generate(self, prompt_ids, problems, *, num_samples=1):
+        rows, responses, row_problems = [], [], []
+        for ids, problem in zip(prompt_ids, problems, strict=True):
+            paths = self.task.paths(problem)
+            for i in range(num_samples):
+                text = self.task.solution(problem, path=paths[i % len(paths)])
+                if i % 2:
+                    work, answer = text.rsplit(":", 1)
+                    text = f"{work}:{int(answer) + 1}"
+                rows.append(ids)
+                responses.append(self.tokenizer(text)["input_ids"] + [self.tokenizer.eos_token_id])
+                row_problems.append(problem)
+        return build_rollout(rows, responses, row_problems, pad_token_id=self.tokenizer.pad_token_id,
+                             eos_token_id=self.tokenizer.eos_token_id, tokenizer=self.tokenizer)
+
+
+def main() -> None:
+    config = from_dict(TrainConfig, json.loads(Path(sys.argv[1]).read_text()))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.student.model)
+    train(config, engine=ScriptedEngine(tokenizer))
+
+
+if __name__ == "__main__":
+    main()
