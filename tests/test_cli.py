@@ -14,7 +14,8 @@ from reopold.train_config import TrainConfig
 from tests.tiny import make_model, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_CONFIGS = sorted({*ROOT.glob("configs/**/*.yaml"), *DEMO_CONFIG.parent.glob("*.yaml")})
+SHIPPED_CONFIGS = sorted({*ROOT.glob("configs/recipes/*.yaml"), *DEMO_CONFIG.parent.glob("*.yaml")})
+ACCELERATE_CONFIGS = sorted(ROOT.glob("configs/accelerate/*.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,24 @@ def test_shipped_configs_load_and_round_trip(path, tmp_path):
     config = load_config(TrainConfig, path)
     save_config(config, tmp_path / "again.yaml")
     assert load_config(TrainConfig, tmp_path / "again.yaml") == config
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_configs_are_valid(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(path))  # accelerate's own loader: unknown keys fail here
+    assert config.num_processes >= 2 and config.distributed_type in ("MULTI_GPU", "DEEPSPEED", "FSDP")
+
+
+def test_paper_recipe_has_the_paper_values():
+    config = load_config(TrainConfig, ROOT / "configs" / "recipes" / "math-1.5b.yaml")
+    assert (config.algo.lam, config.algo.beta, config.switch_step, config.run.steps) == (0.3, 0.2, 100, 300)
+    assert (config.rollout.prompts_per_step, config.rollout.samples_per_prompt, config.optim.mini_batch_prompts) == (
+        128, 8, 32)
+    assert (config.optim.lr, config.rollout.max_new_tokens, config.rollout.temperature) == (1e-5, 8192, 1.0)
+    assert config.student.model == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+    assert config.teacher.model == "Skywork/Skywork-OR1-Math-7B"
 
 
 def test_demo_config_is_shipped():

@@ -24,7 +24,14 @@ class PromptTask:
 
     name = "prompts"
 
-    def __init__(self, path: str, *, prompt_key: str = "prompt", answer_key: str = "answer", held_out: int = 1000):
+    def __init__(self, path: str, *, prompt_key: str = "prompt", answer_key: str = "answer", held_out: int = 1000,
+                 checker: str = "exact"):
+        if checker == "math":
+            from reopold.checkers import MathChecker
+
+            self._math = MathChecker()  # fails here, before any model loads, when math-verify is missing
+        else:
+            self._math = None
         records = load_records(path, prompt_key=prompt_key)
         problems = [Problem(str(r[prompt_key]), None if r.get(answer_key) is None else str(r[answer_key]))
                     for r in records]
@@ -50,6 +57,8 @@ class PromptTask:
     def check(self, problem: Problem, completion: str) -> bool:
         if problem.answer is None:
             return False
+        if self._math is not None:
+            return self._math.grade(problem, completion)[1]
         answer = self.parse_answer(completion)
         return answer is not None and _normalise(answer) == _normalise(problem.answer)
 
@@ -101,7 +110,7 @@ def build_task(data_config):
     """The task named by ``data.task``: a bundled one, or ``prompts`` read from ``data.prompts``."""
     if data_config.task == "prompts":
         return PromptTask(data_config.prompts, prompt_key=data_config.prompt_key, answer_key=data_config.answer_key,
-                          held_out=data_config.eval_problems)
+                          held_out=data_config.eval_problems, checker=data_config.checker)
     return get_task(data_config.task, digits=tuple(data_config.digits))
 
 

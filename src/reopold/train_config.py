@@ -59,6 +59,9 @@ class DataConfig:
     prompts: str | None = option(None, "JSONL file or dataset saved with save_to_disk, for data.task=prompts")
     prompt_key: str = option("prompt", "field holding the prompt text")
     answer_key: str = option("answer", "field holding the reference answer (needed by grpo and evaluation)")
+    checker: str = option("exact", "how data.task=prompts grades answers: exact (normalised last \\boxed{} or number) "
+                          "or math (symbolic equivalence with math-verify: pip install 'reopold[math]')",
+                          choices=("exact", "math"))
     chat_template: str = option("auto", "wrap prompts in the tokenizer's chat template: auto = when it has one",
                                 choices=("auto", "on", "off"))
     train_problems: int = option(20000, "size of the training prompt pool (at most the split's size)")
