@@ -144,7 +144,9 @@ def train(config: TrainConfig, *, resume: str | None = None, engine=None) -> Pat
     torch.manual_seed(config.run.seed)
     student = load_model(student_path, dtype=config.student.dtype, device=accelerator.device)
     if config.student.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
+        # transformers >= 5.24 renamed gradient checkpointing to activation checkpointing.
+        enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
+        enable()
     if config.lora.r > 0:
         student = apply_lora(student, config.lora, adapters)
     student.eval()  # train mode (dropout, checkpointing) only inside updates: see Trainer.update

@@ -41,6 +41,7 @@ class TokenScorer(torch.nn.Module):
             "input_ids": rollout.input_ids,
             "attention_mask": rollout.attention_mask,
             "position_ids": rollout.position_ids,
+            "use_cache": False,  # teacher forcing needs no KV cache
         }
         if return_logits:
             return self.lm(**inputs).logits[:, start:end]
