@@ -6,6 +6,7 @@ seconds, not after the models have loaded.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -85,6 +86,15 @@ class NullLogger:
         pass
 
 
+def teacher_api_key(config: TrainConfig) -> str | None:
+    name = config.teacher.api_key_env
+    if name is None:
+        return None
+    if not os.environ.get(name):
+        raise ValueError(f"teacher.api_key_env names ${name}, which is not set; export it with the server's key")
+    return os.environ[name]
+
+
 def check_trackers(config: TrainConfig) -> None:
     """Fail before loading anything when a requested logger is not installed."""
     import importlib.util
@@ -133,7 +143,7 @@ def train(config: TrainConfig, *, resume: str | None = None, engine=None) -> Pat
     if remote:
         teacher = RemoteTeacher(config.teacher.url, config.teacher.model, timeout=config.teacher.timeout,
                                 retries=config.teacher.retries, backoff=config.teacher.backoff,
-                                batch_size=config.teacher.micro_batch_size)
+                                batch_size=config.teacher.micro_batch_size, api_key=teacher_api_key(config))
         teacher.check_tokenizer(tokenizer)  # same ids for a probe text, or a clear error before any loading
     else:
         check_same_vocabulary(tokenizer, load_tokenizer(config.teacher.model), student_path, config.teacher.model)

@@ -50,6 +50,8 @@ class TeacherConfig:
     timeout: float = option(120.0, "seconds to wait for one teacher-server request")
     retries: int = option(5, "retries of a failed teacher-server request (exponential backoff) before stopping")
     backoff: float = option(1.0, "seconds before the first retry; doubles on each further one")
+    api_key_env: str | None = option(None, "environment variable holding the teacher server's API key (the key "
+                                     "itself never goes into the saved config)")
 
 
 @dataclass
