@@ -121,3 +121,32 @@ def test_nan_losses_stop_training_with_a_checkpoint(tmp_path, models, monkeypatc
     saved = load_file(latest_checkpoint(run_dir) / "model.safetensors")
     initial = load_file(models[1] / "model.safetensors")
     assert all(torch.equal(saved[k], initial[k]) for k in initial)
+
+
+def test_an_injected_engine_samples_every_step_and_gets_the_new_weights(tmp_path, models):
+    from transformers import AutoTokenizer
+
+    from reopold.rollout import HFRolloutEngine
+
+    class SyncedEngine(HFRolloutEngine):  # what a vLLM engine looks like to the trainer
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.calls, self.synced = 0, []
+
+        def generate(self, *args, **kwargs):
+            self.calls += 1
+            return super().generate(*args, **kwargs)
+
+        def sync_weights(self, model):
+            self.synced.append(model.lm_head.weight.detach().clone())
+
+    config = from_dict(TrainConfig, tiny_config(tmp_path, *models, run={"steps": 2, "eval_every": 0}))
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(models[1])
+    engine = SyncedEngine(student, AutoTokenizer.from_pretrained(models[1]), max_new_tokens=24)
+    # The engine samples with its own model object: the trainer's job is to hand it the updated weights.
+    train(config, engine=engine)
+    assert engine.calls == 2 and len(engine.synced) == 2
+    assert not torch.equal(engine.synced[0], student.lm_head.weight)  # synced weights are the trained ones
+    assert not torch.equal(engine.synced[0], engine.synced[1])

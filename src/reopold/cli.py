@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from reopold import teacher_server
+from reopold import benchmark, teacher_server
 from reopold.config import ConfigError, add_arguments, config_help, load_config
 from reopold.eval_command import COMMANDS as EVAL_COMMANDS
 from reopold.eval_command import add_commands as add_eval_commands
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("output", help="folder to write the merged model to")
     merge.add_argument("--base", help="base model (default: the one recorded in adapter_config.json)")
     teacher_server.add_command(commands)
+    benchmark.add_command(commands)
     keys = commands.add_parser("keys", help="list every config key with its type, default and help")
     keys.set_defaults(command="keys")
     add_eval_commands(commands)
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(write_report(args.run_dir))
         return 0
+    if args.command == "benchmark":
+        return benchmark.run_command(args)
     if args.command == "serve-teacher":
         return teacher_server.run_command(args)
     if args.command == "merge":

@@ -86,6 +86,25 @@ class NullLogger:
         pass
 
 
+def build_engine(config: TrainConfig, student, student_path: str, tokenizer, device):
+    """The student's sampler: transformers generate, or vLLM (colocated, or a TRL vllm-serve server)."""
+    rollout = config.rollout
+    if rollout.engine == "hf":
+        return HFRolloutEngine(student, tokenizer, max_new_tokens=rollout.max_new_tokens,
+                               temperature=rollout.temperature)
+    from reopold.vllm_engine import VLLMRolloutEngine
+
+    if rollout.vllm_url:
+        engine = VLLMRolloutEngine.server(rollout.vllm_url, tokenizer, max_new_tokens=rollout.max_new_tokens,
+                                          temperature=rollout.temperature, device=device)
+    else:
+        engine = VLLMRolloutEngine.offline(resolve_model(student_path), tokenizer,
+                                           max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
+                                           device=device, gpu_memory_utilization=rollout.vllm_gpu_memory)
+    engine.sync_weights(student)  # a resumed run's weights, not the ones on disk at student.model
+    return engine
+
+
 def teacher_api_key(config: TrainConfig) -> str | None:
     name = config.teacher.api_key_env
     if name is None:
@@ -198,8 +217,7 @@ def train(config: TrainConfig, *, resume: str | None = None, engine=None) -> Pat
         logger = MetricsLogger(run_dir, tensorboard=config.run.tensorboard, wandb=wandb, resume=checkpoint is not None,
                                truncate_after_step=state.step if checkpoint is not None else None)
     if engine is None:
-        engine = HFRolloutEngine(student, tokenizer, max_new_tokens=config.rollout.max_new_tokens,
-                                 temperature=config.rollout.temperature)
+        engine = build_engine(config, student, student_path, tokenizer, accelerator.device)
     trainer = Trainer(
         config, run_dir, accelerator=accelerator, policy=policy, student=student, tokenizer=tokenizer,
         teacher=teacher, engine=engine, teacher_engine=teacher_engine, task=task,

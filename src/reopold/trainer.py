@@ -163,6 +163,8 @@ class Trainer:
                 update = self.update(scored, shaped, step)
             else:  # NaN/inf log-probs (student or teacher): no update from this step
                 update = {"loss": float("nan"), "grad_norm": float("nan"), "clip_frac": float("nan"), "skipped": True}
+            if hasattr(self.engine, "sync_weights"):
+                self.engine.sync_weights(self.student)  # the next rollout samples from the updated student
             finished = time.perf_counter()
 
             state.step += 1
