@@ -147,7 +147,7 @@ class ArithmeticTask:
         if high_first:
             parts = parts[::-1]
         products = [kept * p for p in parts]
-        steps = [f"{kept}*{p}={q}" for p, q in zip(parts, products)]
+        steps = [f"{kept}*{p}={q}" for p, q in zip(parts, products, strict=True)]
         total = products[0]
         for q in products[1:]:
             steps.append(f"{total}+{q}={total + q}")

@@ -8,8 +8,12 @@ generation needs.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, EOS, UNK)
@@ -20,6 +24,8 @@ def build_tokenizer(alphabet: str = "0123456789*+=;:") -> PreTrainedTokenizerFas
 
     Save it with ``save_pretrained``; ``AutoTokenizer.from_pretrained`` loads it back without this module.
     """
+    from transformers import PreTrainedTokenizerFast  # deferred: keeps `import reopold.tasks` light
+
     chars = list(dict.fromkeys(alphabet))  # de-duplicate, keep order
     if any(len(c) != 1 or c.isspace() for c in chars):
         raise ValueError(f"alphabet must be single non-space characters, got {alphabet!r}")

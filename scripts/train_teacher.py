@@ -1,0 +1,183 @@
+"""Train the demo teacher: a small Llama trained from scratch on gold scratchpads of randomly chosen paths.
+
+Reproduces ``src/reopold/assets/demo/teacher`` (deterministic given --seed and the thread count):
+
+    python scripts/train_teacher.py --out src/reopold/assets/demo/teacher
+
+Every training example is a fresh problem of the train split with one of its valid solution paths drawn
+at random, so the teacher learns the whole mixture of paths. The loss covers completion tokens and eos
+only (the prompt digits are random). AdamW, linear warmup then cosine decay to a tenth of the peak.
+Prints progress and, at the end, greedy and temperature-1.0 exact-answer accuracy on held-out problems.
+``scripts/make_student.py`` reuses the helpers below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from reopold.tasks import ArithmeticTask, build_tokenizer
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, *, hidden: int, layers: int, heads: int,
+                intermediate: int | None = None, seed: int = 0) -> LlamaForCausalLM:
+    """A randomly initialised Llama sized for the char-level task (tied embeddings, short context)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate or 4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    return LlamaForCausalLM(config)
+
+
+def gold_batch(task: ArithmeticTask, tokenizer: PreTrainedTokenizerFast, rng: random.Random,
+               batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, labels), each (B, T); labels are -100 on prompt and pad."""
+    rows, label_rows = [], []
+    for _ in range(batch_size):
+        problem = task.sample_problem(rng, "train")
+        prompt_ids = tokenizer(problem.prompt)["input_ids"]
+        completion_ids = tokenizer(task.solution(problem, rng))["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(prompt_ids + completion_ids)
+        label_rows.append([-100] * len(prompt_ids) + completion_ids)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])  # (B, T)
+    attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])  # (B, T)
+    labels = torch.tensor([r + [-100] * (width - len(r)) for r in label_rows])  # (B, T)
+    return input_ids, attention_mask, labels
+
+
+@torch.no_grad()
+def accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, task: ArithmeticTask,
+             problems: list, *, temperature: float = 0.0, batch_size: int = 500, seed: int = 0) -> float:
+    """Exact-answer accuracy of greedy (temperature 0) or sampled completions."""
+    model.eval()
+    torch.manual_seed(seed)
+    correct = 0
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start:start + batch_size]
+        enc = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True)
+        sample = temperature > 0
+        out = model.generate(
+            **enc, max_new_tokens=task.max_completion_chars() + 8, do_sample=sample,
+            temperature=temperature if sample else None, top_k=0 if sample else None, top_p=1.0 if sample else None,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        correct += sum(task.check(p, t) for p, t in zip(chunk, texts, strict=True))
+    model.train()
+    return correct / len(problems)
+
+
+def lr_at(step: int, *, peak: float, warmup: int, total: int, final_frac: float = 0.1) -> float:
+    """Linear warmup to ``peak``, then cosine decay to ``final_frac * peak`` at ``total``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_gold_sft(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, task: ArithmeticTask, *,
+                   steps: int, batch_size: int, lr: float, warmup: int, final_frac: float, seed: int,
+                   bf16: bool, eval_every: int, eval_problems: list, log=print, on_eval=None) -> None:
+    """SFT on gold scratchpads (random valid paths), logging greedy validation accuracy as it goes.
+
+    ``on_eval()`` (e.g. an interim save) is called after each progress eval.
+    """
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    model.train()
+    t0, tokens = time.time(), 0
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, peak=lr, warmup=warmup, total=steps, final_frac=final_frac)
+        input_ids, attention_mask, labels = gold_batch(task, tokenizer, rng, batch_size)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        tokens += int(attention_mask.sum())
+        if (step + 1) % 50 == 0:
+            el = time.time() - t0
+            log(f"step {step + 1}/{steps} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"{el:.0f}s {tokens / el:.0f} tok/s")
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            log(f"step {step + 1} val greedy acc {accuracy(model, tokenizer, task, eval_problems):.3f} "
+                f"({time.time() - t0:.0f}s)")
+            if on_eval is not None:
+                on_eval()
+
+
+def save_checkpoint(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path,
+                    task: ArithmeticTask, dtype: torch.dtype = torch.float32) -> None:
+    """save_pretrained of model (in ``dtype``), tokenizer and a greedy generation config."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config = GenerationConfig(
+        do_sample=False, max_new_tokens=task.max_completion_chars() + 8,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    model.to(dtype).save_pretrained(out)
+    model.to(torch.float32)
+    tokenizer.save_pretrained(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("src/reopold/assets/demo/teacher"))
+    ap.add_argument("--digits", type=int, nargs=2, default=(3, 2))
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--final-frac", type=float, default=0.1, help="final lr as a fraction of --lr")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (faster above ~1M params on AMX CPUs)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (runs are bit-identical only at the same count)")
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-n", type=int, default=200, help="validation problems per progress eval")
+    ap.add_argument("--test-n", type=int, default=1000, help="held-out test problems for the final eval")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    task = ArithmeticTask(digits=tuple(args.digits))
+    tokenizer = build_tokenizer(task.alphabet)
+    model = build_model(tokenizer, hidden=args.hidden, layers=args.layers, heads=args.heads, seed=args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{task!r}: {n_params / 1e6:.3f}M params, vocab {len(tokenizer)}", flush=True)
+    t0 = time.time()
+    train_gold_sft(model, tokenizer, task, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                   warmup=args.warmup, final_frac=args.final_frac, seed=args.seed, bf16=args.bf16,
+                   eval_every=args.eval_every, eval_problems=task.problems("validation", args.eval_n),
+                   log=lambda s: print(s, flush=True),
+                   on_eval=lambda: save_checkpoint(model, tokenizer, args.out, task))
+    print(f"trained in {time.time() - t0:.0f}s", flush=True)
+    save_checkpoint(model, tokenizer, args.out, task)
+    test = task.problems("test", args.test_n)
+    print(f"test greedy acc {accuracy(model, tokenizer, task, test):.3f} on {len(test)}", flush=True)
+    print(f"test T=1.0 acc {accuracy(model, tokenizer, task, test, temperature=1.0):.3f} on {len(test)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
