@@ -106,7 +106,8 @@ def test_unknown_key_suggests_the_nearest(capsys):
         (["--rollout.max_new_tokens", "0"], "rollout.max_new_tokens must be > 0"),
         (["--algo.lam", "1.5"], "algo.lam must be in (0, 1)"),
         (["--algo.name", "ppo"], "'ppo'"),
-        (["--algo.name", "grpo", "--rollout.samples_per_prompt", "1"], "samples_per_prompt >= 2"),
+        (["--algo.name", "grpo", "--algo.two_phase", "null", "--rollout.samples_per_prompt", "1"],
+         "samples_per_prompt >= 2"),
         (["--algo.name", "sft", "--algo.two_phase", "false"], "no meaning for algo.name=sft"),
     ],
 )
