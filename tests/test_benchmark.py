@@ -228,7 +228,12 @@ def test_report_of_finished_runs(tmp_path):
     assert "+ stop-gradient" not in text  # rungs without runs are left out
     # Negative transfer of rkl: lows 0.15, 0.1 -> 0.125, 0.075 below the start 0.2; ends +0.4, +0.3 -> 0.35 +- 0.071.
     assert "| rkl | 0.200 | 0.125 ± 0.035 | -0.075 | 0.350 ± 0.071 | 0/2 |" in text
+    # The paper's comparison: reopold's mean curve (0.2, 0.55, 0.8) reaches rkl's final 0.55 at step 1, i.e. 32 of
+    # rkl's 64 samples (0.50), and sft's 0.4 also at step 1; neither reaches reopold's final 0.8.
+    assert "| rkl | 0.550 | 32 (step 1) | 0.50 | not reached |" in text
+    assert "| sft | 0.400 | 32 (step 1) | 0.50 | not reached |" in text
     data = json.loads((out / "results.json").read_text())
+    assert data["matching"]["rkl"]["fraction"] == 0.5 and set(data["matching"]) == {"rkl", "sft"}
     assert data["methods"]["rkl"]["to_threshold"] == {"step": 2, "samples": 64, "time": 30.0}
     assert data["setup"]["budget"] == 64 and data["setup"]["threshold"] == pytest.approx(0.54)
     assert data["plots"] == ["accuracy.png", "ladder.png"]  # no train records: no entropy or floor plots

@@ -330,6 +330,25 @@ def summarize_method(runs: list[list[dict]], threshold: float | None) -> dict:
     }
 
 
+def matching(methods: dict[str, dict], reference: str) -> dict[str, dict]:
+    """The paper's comparison, per method m: samples the reference's mean curve needs to reach m's final mean
+    accuracy, as a fraction of m's own budget (the paper: REOPOLD reaches RKL's final accuracy in <= 1/2 of its
+    samples); and the other way round. A hit at step 0 means m ended at or below the student's start."""
+    ref = methods.get(reference)
+    if ref is None:
+        return {}
+    out = {}
+    for m, summary in methods.items():
+        if m == reference or not summary["samples"]:
+            continue
+        target = summary["accuracy"]["mean"]
+        hit = samples_to_threshold(ref["accuracy_curve"], target)
+        back = samples_to_threshold(summary["accuracy_curve"], ref["accuracy"]["mean"])
+        out[m] = {"target": target, "reference_hit": hit, "budget": summary["samples"],
+                  "fraction": None if hit is None else hit["samples"] / summary["samples"], "method_hit": back}
+    return out
+
+
 def estimate_seconds(remaining: dict[str, int], wall: dict[str, list[float]], jobs: int) -> float | None:
     """Wall time of ``remaining`` runs per method at ``jobs`` in parallel, from measured run walls (a method's own
     mean, else the mean of all measured runs); None before any run was measured."""
@@ -401,6 +420,20 @@ def results_markdown(data: dict) -> str:
     if rungs:
         lines += ["", "## Ablation ladder (cumulative)", "", _HEADER.format(first="rung", ref=ref)]
         lines += [_method_row(f"{label} ({m})", data["picks"][m], methods[m], methods.get(ref)) for label, m in rungs]
+    if data.get("matching"):
+        lines += ["", "## Samples to match (the paper's comparison, on mean curves)", "",
+                  f"How many samples {ref} needs to reach each method's final mean test accuracy, as a fraction of "
+                  f"that method's own budget (the paper: at most 1/2 of RKL's, at most 1/6.7 = 0.15 of GRPO's), "
+                  f"and when each method reaches {ref}'s final accuracy. Evals every "
+                  f"{s['eval_every']} steps, so a hit is the first eval at or above the target.", "",
+                  f"| method | its final accuracy | {ref} reaches it at | fraction of its budget | "
+                  f"it reaches {ref}'s final at |", "|---|---|---|---|---|"]
+        for m, match in data["matching"].items():
+            hit, back = match["reference_hit"], match["method_hit"]
+            reached = "not reached" if hit is None else f"{hit['samples']:,} (step {hit['step']})"
+            fraction = "n/a" if match["fraction"] is None else f"{match['fraction']:.2f}"
+            lines.append(f"| {m} | {match['target']:.3f} | {reached} | {fraction} | "
+                         + ("not reached" if back is None else f"{back['samples']:,} (step {back['step']})") + " |")
     lines += ["", "## Negative transfer", "",
               "Lowest held-out accuracy after step 0 (mean over seeds of each seed's lowest) against the start.", "",
               "| method | start | lowest | lowest - start | final - start | seeds ending below start |",
@@ -557,12 +590,14 @@ def run_benchmark(sweep: Sweep, *, log=print) -> tuple[Path, list[str]]:
                   "prompts_per_step": base.rollout.prompts_per_step,
                   "samples_per_prompt": base.rollout.samples_per_prompt,
                   "budget": steps * base.rollout.prompts_per_step * base.rollout.samples_per_prompt,
-                  "eval_problems": base.data.eval_problems, "lrs": list(lrs), "seeds": sweep.seeds, "jobs": sweep.jobs,
+                  "eval_problems": base.data.eval_problems, "eval_every": base.run.eval_every,
+                  "lrs": list(lrs), "seeds": sweep.seeds, "jobs": sweep.jobs,
                   "teacher": teacher, "threshold": threshold,
                   "start": mean_std([x for x in starts if not math.isnan(x)]),
                   "validation_is_test": validation_is_test, "sweep_wall_seconds": sum(walls.values())},
         "reference": "reopold" if "reopold" in methods else next(iter(methods), "reopold"),
         "picks": picks, "selection": selection, "methods": methods, "failed": failed,
+        "matching": matching(methods, "reopold"),
         "ladder": [{"rung": label, "method": m} for label, m in LADDER if m in methods],
     }
     return write_results(data, runs, Path(sweep.out)), failed
