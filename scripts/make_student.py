@@ -15,7 +15,6 @@ random-path gold data as ``train_teacher.py``, whose helpers it reuses.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -23,30 +22,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_teacher import accuracy, build_model, save_checkpoint, train_gold_sft  # noqa: E402
+from train_teacher import accuracy, build_model, model_parser, save_checkpoint, train_gold_sft  # noqa: E402
 
 from reopold.tasks import ArithmeticTask, build_tokenizer  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("src/reopold/assets/demo/student"))
-    ap.add_argument("--digits", type=int, nargs=2, default=(3, 2))
-    ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=3)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--final-frac", type=float, default=1.0,
-                    help="final lr as a fraction of --lr (1.0: constant after warmup)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (runs are bit-identical only at the same count)")
-    ap.add_argument("--eval-every", type=int, default=0)
-    ap.add_argument("--eval-n", type=int, default=200)
-    ap.add_argument("--test-n", type=int, default=1000)
+    ap = model_parser(__doc__, out="src/reopold/assets/demo/student", hidden=64, layers=3, steps=1500, lr=1e-3,
+                      warmup=100, final_frac=1.0, eval_every=0)
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)

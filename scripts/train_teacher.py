@@ -139,25 +139,34 @@ def save_checkpoint(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
     tokenizer.save_pretrained(out)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("src/reopold/assets/demo/teacher"))
+def model_parser(doc: str | None, *, out: str, hidden: int, layers: int, steps: int, lr: float, warmup: int,
+                 final_frac: float, eval_every: int) -> argparse.ArgumentParser:
+    """The arguments both demo-model scripts take, with each script's defaults."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path(out))
     ap.add_argument("--digits", type=int, nargs=2, default=(3, 2))
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=hidden)
+    ap.add_argument("--layers", type=int, default=layers)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--warmup", type=int, default=200)
-    ap.add_argument("--final-frac", type=float, default=0.1, help="final lr as a fraction of --lr")
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--warmup", type=int, default=warmup)
+    ap.add_argument("--final-frac", type=float, default=final_frac,
+                    help="final lr as a fraction of --lr (1.0: constant after warmup)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (faster above ~1M params on AMX CPUs)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (runs are bit-identical only at the same count)")
-    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-every", type=int, default=eval_every)
     ap.add_argument("--eval-n", type=int, default=200, help="validation problems per progress eval")
     ap.add_argument("--test-n", type=int, default=1000, help="held-out test problems for the final eval")
+    return ap
+
+
+def main() -> None:
+    ap = model_parser(__doc__, out="src/reopold/assets/demo/teacher", hidden=128, layers=4, steps=4000, lr=2e-3,
+                      warmup=200, final_frac=0.1, eval_every=500)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (faster above ~1M params on AMX CPUs)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
