@@ -373,11 +373,13 @@ def _relative(rel: dict) -> str:
     return f"{'' if rel['bound'] == '=' else rel['bound']}{rel['ratio']:.2f}x"
 
 
+def _hit(hit: dict | None) -> str:
+    return "not reached" if hit is None else f"{hit['samples']:,} (step {hit['step']})"
+
+
 def _reached(summary: dict) -> tuple[str, str]:
     hit = summary["to_threshold"]
-    if hit is None:
-        return "not reached", "not reached"
-    return f"{hit['samples']:,} (step {hit['step']})", f"{hit['time']:.1f} s"
+    return _hit(hit), "not reached" if hit is None else f"{hit['time']:.1f} s"
 
 
 def _method_row(label: str, lr, summary: dict, reference: dict | None) -> str:
@@ -429,11 +431,9 @@ def results_markdown(data: dict) -> str:
                   f"| method | its final accuracy | {ref} reaches it at | fraction of its budget | "
                   f"it reaches {ref}'s final at |", "|---|---|---|---|---|"]
         for m, match in data["matching"].items():
-            hit, back = match["reference_hit"], match["method_hit"]
-            reached = "not reached" if hit is None else f"{hit['samples']:,} (step {hit['step']})"
             fraction = "n/a" if match["fraction"] is None else f"{match['fraction']:.2f}"
-            lines.append(f"| {m} | {match['target']:.3f} | {reached} | {fraction} | "
-                         + ("not reached" if back is None else f"{back['samples']:,} (step {back['step']})") + " |")
+            lines.append(f"| {m} | {match['target']:.3f} | {_hit(match['reference_hit'])} | {fraction} | "
+                         f"{_hit(match['method_hit'])} |")
     lines += ["", "## Negative transfer", "",
               "Lowest held-out accuracy after step 0 (mean over seeds of each seed's lowest) against the start.", "",
               "| method | start | lowest | lowest - start | final - start | seeds ending below start |",
