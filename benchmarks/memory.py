@@ -8,11 +8,14 @@ output layer, then backpropagate loss = sum(logprobs) + sum(entropy), so both ou
 
 Each configuration runs in a fresh subprocess. Its peak is ``ru_maxrss`` at the end minus the resident set size after
 the inputs were allocated (hidden, W, tokens), so it counts everything the loss path itself holds: logits-sized
-buffers, the (V, D) and (N, D) gradients, temporaries. Configurations predicted (see ``predicted_bytes``) to need
-more than ``--headroom`` of the memory available now are not run: the row says "skipped: needs X GB".
+buffers, the (V, D) and (N, D) gradients, temporaries. With ``--device cuda`` it is the CUDA caching allocator's
+peak (``torch.cuda.max_memory_allocated``) above what the inputs hold, and the budget is the GPU's free memory.
+Configurations predicted (see ``predicted_bytes``) to need more than ``--headroom`` of the memory available now are not
+run: the row says "skipped: needs X GB".
 
     python benchmarks/memory.py                                   # 150K vocab, hidden 1536, 8K and 32K tokens
     python benchmarks/memory.py --tokens 2048 8192 --dtype bfloat16 --json out.json
+    python benchmarks/memory.py --device cuda --dtype bfloat16 --tokens 8192 32768 131072
 """
 
 from __future__ import annotations
@@ -53,12 +56,15 @@ def loss_path(path: str, hidden: torch.Tensor, weight: torch.Tensor, tokens: tor
     raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
 
 
-def make_inputs(tokens: int, vocab: int, hidden: int, dtype: str, seed: int = 0):
-    """hidden (N, D) and weight (V, D) leaves that require grad, tokens (N,); scaled so logits are O(1)."""
+def make_inputs(tokens: int, vocab: int, hidden: int, dtype: str, seed: int = 0, device: str = "cpu"):
+    """hidden (N, D) and weight (V, D) leaves that require grad, tokens (N,); scaled so logits are O(1).
+
+    Drawn on the CPU (the same numbers on every device), then moved to ``device``.
+    """
     generator = torch.Generator().manual_seed(seed)
-    h = torch.randn(tokens, hidden, generator=generator).to(DTYPES[dtype]).requires_grad_()
-    w = (torch.randn(vocab, hidden, generator=generator) / hidden**0.5).to(DTYPES[dtype]).requires_grad_()
-    return h, w, torch.randint(vocab, (tokens,), generator=generator)
+    h = torch.randn(tokens, hidden, generator=generator).to(device, DTYPES[dtype]).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=generator) / hidden**0.5).to(device, DTYPES[dtype]).requires_grad_()
+    return h, w, torch.randint(vocab, (tokens,), generator=generator).to(device)
 
 
 def predicted_bytes(path: str, tokens: int, vocab: int, hidden: int, chunk_size: int, dtype: str) -> int:
@@ -85,21 +91,33 @@ def predicted_bytes(path: str, tokens: int, vocab: int, hidden: int, chunk_size:
     return max(5 * logits + weight_grad, logits + 3 * weight_grad) + 2 * hidden_grad
 
 
-def measure(path: str, tokens: int, vocab: int, hidden: int, chunk_size: int, dtype: str, seed: int = 0) -> dict:
+def measure(path: str, tokens: int, vocab: int, hidden: int, chunk_size: int, dtype: str, seed: int = 0,
+            device: str = "cpu") -> dict:
     """Run one forward + backward in this process; the peak is only meaningful in a fresh process (run_isolated)."""
+    cuda = torch.device(device).type == "cuda"
     for warm_up in PATHS:  # first calls import modules lazily (checkpointing: ~80 MB) and start threads
-        small = make_inputs(8, 8, 8, dtype)
+        small = make_inputs(8, 8, 8, dtype, device=device)
         sum(loss_path(warm_up, *small, chunk_size=4)).sum().backward()
-    h, w, ids = make_inputs(tokens, vocab, hidden, dtype, seed)
+    h, w, ids = make_inputs(tokens, vocab, hidden, dtype, seed, device=device)
     gc.collect()
-    inputs_rss = _current_rss()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        inputs_bytes_held = torch.cuda.memory_allocated(device)
+    else:
+        inputs_bytes_held = _current_rss()
     started = time.perf_counter()
     logprobs, entropy = loss_path(path, h, w, ids, chunk_size)
     (logprobs.sum() + entropy.sum()).backward()
+    if cuda:
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     return {
-        "path": path, "tokens": tokens, "status": "measured", "peak_bytes": peak - inputs_rss,
+        "path": path, "tokens": tokens, "status": "measured", "peak_bytes": peak - inputs_bytes_held,
         "inputs_bytes": sum(t.numel() * t.element_size() for t in (h, w, ids)), "seconds": seconds,
         "logprob_sum": float(logprobs.detach().double().sum()), "entropy_sum": float(entropy.detach().double().sum()),
         "hidden_grad_norm": float(h.grad.double().norm()), "weight_grad_norm": float(w.grad.double().norm()),
@@ -118,10 +136,11 @@ def available_bytes() -> int:
     return int(fields["MemAvailable"].split()[0]) * 1024
 
 
-def run_isolated(path: str, tokens: int, vocab: int, hidden: int, chunk_size: int, dtype: str) -> dict:
-    """``measure`` in a fresh interpreter, so that ru_maxrss starts clean."""
+def run_isolated(path: str, tokens: int, vocab: int, hidden: int, chunk_size: int, dtype: str,
+                 device: str = "cpu") -> dict:
+    """``measure`` in a fresh interpreter, so that ru_maxrss (or the CUDA allocator) starts clean."""
     spec = json.dumps({"path": path, "tokens": tokens, "vocab": vocab, "hidden": hidden, "chunk_size": chunk_size,
-                       "dtype": dtype})  # fmt: skip
+                       "dtype": dtype, "device": device})  # fmt: skip
     # glibc serves allocations below its (self-raising, up to 32 MB) mmap threshold from the heap and keeps them
     # mapped after free, so the RSS peak would count dead chunks; a fixed 1 MB threshold maps and unmaps each tensor.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
@@ -133,7 +152,7 @@ def run_isolated(path: str, tokens: int, vocab: int, hidden: int, chunk_size: in
 
 
 def benchmark(tokens: list[int], *, vocab: int, hidden: int, chunk_size: int, dtype: str,
-              budget_bytes: float) -> list[dict]:
+              budget_bytes: float, device: str = "cpu") -> list[dict]:
     """One row per (tokens, path): measured in a subprocess when predicted to fit ``budget_bytes``, else skipped."""
     rows = []
     for n in tokens:
@@ -143,7 +162,7 @@ def benchmark(tokens: list[int], *, vocab: int, hidden: int, chunk_size: int, dt
             if need + inputs > budget_bytes:
                 row = {"path": path, "tokens": n, "status": f"skipped: needs {(need + inputs) / GB:.3g} GB"}
             else:
-                row = run_isolated(path, n, vocab, hidden, chunk_size, dtype)
+                row = run_isolated(path, n, vocab, hidden, chunk_size, dtype, device)
             rows.append({**row, "predicted_bytes": need, "logits_bytes": n * vocab * 4})
             print(_row_line(rows[-1]), file=sys.stderr, flush=True)
     return rows
@@ -157,9 +176,9 @@ def _row_line(row: dict) -> str:
             f"| {measured} | {seconds} | {note} |")
 
 
-def markdown(rows: list[dict], *, vocab: int, hidden: int, chunk_size: int, dtype: str) -> str:
+def markdown(rows: list[dict], *, vocab: int, hidden: int, chunk_size: int, dtype: str, device: str = "cpu") -> str:
     header = [
-        f"vocab {vocab:,}, hidden {hidden}, chunk {chunk_size}, {dtype}; peak above inputs, GB = 1e9 bytes",
+        f"vocab {vocab:,}, hidden {hidden}, chunk {chunk_size}, {dtype}, {device}; peak above inputs, GB = 1e9 bytes",
         "",
         "| tokens | path | full fp32 logits (GB) | predicted peak (GB) | measured peak (GB) | fwd+bwd (s) | note |",
         "|---:|---|---:|---:|---:|---:|---|",
@@ -167,11 +186,15 @@ def markdown(rows: list[dict], *, vocab: int, hidden: int, chunk_size: int, dtyp
     return "\n".join(header + [_row_line(row) for row in rows])
 
 
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-    return (f"{cpu or platform.processor()}, {os.cpu_count()} cores, {ram:.0f} GiB RAM, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
+    gpu = ""
+    if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        gpu = f"{props.name} ({props.total_memory / 2**30:.0f} GiB), "
+    return (f"{gpu}{cpu or platform.processor()}, {os.cpu_count()} cores, {ram:.0f} GiB RAM, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,20 +206,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of hidden states and W")
     parser.add_argument("--headroom", type=float, default=0.8, help="run only what is predicted to need less than "
                         "this fraction of the memory available now")  # fmt: skip
-    parser.add_argument("--max-gb", type=float, default=None, help="memory budget in GB instead of MemAvailable")
+    parser.add_argument("--max-gb", type=float, default=None, help="memory budget in GB instead of MemAvailable "
+                        "(or the GPU's free memory)")  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="cpu (peak resident set) or cuda / cuda:N (peak allocated)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows to this file")
     parser.add_argument("--measure-one", default=None, help=argparse.SUPPRESS)  # internal: one row, as JSON
     args = parser.parse_args(argv)
     if args.measure_one:
         print(json.dumps(measure(**json.loads(args.measure_one))))
         return
-    budget = args.max_gb * GB if args.max_gb is not None else args.headroom * available_bytes()
-    config = {"vocab": args.vocab, "hidden": args.hidden, "chunk_size": args.chunk_size, "dtype": args.dtype}
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA GPU here; use --device cpu")
+    if args.max_gb is not None:
+        budget = args.max_gb * GB
+    elif torch.device(args.device).type == "cuda":
+        budget = args.headroom * torch.cuda.mem_get_info(args.device)[0]
+    else:
+        budget = args.headroom * available_bytes()
+    config = {"vocab": args.vocab, "hidden": args.hidden, "chunk_size": args.chunk_size, "dtype": args.dtype,
+              "device": args.device}  # fmt: skip
     rows = benchmark(args.tokens, budget_bytes=budget, **config)
-    print(f"{machine()}; budget {budget / GB:.1f} GB\n")
+    print(f"{machine(args.device)}; budget {budget / GB:.1f} GB\n")
     print(markdown(rows, **config))
     if args.json:
-        args.json.write_text(json.dumps({"config": config, "machine": machine(), "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"config": config, "machine": machine(args.device), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

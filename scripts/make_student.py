@@ -37,6 +37,7 @@ def main() -> None:
     tokenizer = build_tokenizer(task.alphabet)
     # A different seed stream from the teacher's (seed 0 there), so the two never see the same batches.
     model = build_model(tokenizer, hidden=args.hidden, layers=args.layers, heads=args.heads, seed=1000 + args.seed)
+    model.to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{task!r}: student {n_params / 1e6:.3f}M params", flush=True)
     t0 = time.time()

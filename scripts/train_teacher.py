@@ -69,10 +69,11 @@ def accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, task: 
     """Exact-answer accuracy of greedy (temperature 0) or sampled completions."""
     model.eval()
     torch.manual_seed(seed)
+    device = next(model.parameters()).device
     correct = 0
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]
-        enc = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True)
+        enc = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True).to(device)
         sample = temperature > 0
         out = model.generate(
             **enc, max_new_tokens=task.max_completion_chars() + 8, do_sample=sample,
@@ -101,14 +102,15 @@ def train_gold_sft(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, 
     ``on_eval()`` (e.g. an interim save) is called after each progress eval.
     """
     rng = random.Random(seed)
+    device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     model.train()
     t0, tokens = time.time(), 0
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, peak=lr, warmup=warmup, total=steps, final_frac=final_frac)
-        input_ids, attention_mask, labels = gold_batch(task, tokenizer, rng, batch_size)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        input_ids, attention_mask, labels = (t.to(device) for t in gold_batch(task, tokenizer, rng, batch_size))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -157,6 +159,8 @@ def model_parser(doc: str | None, *, out: str, hidden: int, layers: int, steps: 
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (runs are bit-identical only at the same count)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (runs are bit-identical only on the same "
+                    "kind of device)")
     ap.add_argument("--eval-every", type=int, default=eval_every)
     ap.add_argument("--eval-n", type=int, default=200, help="validation problems per progress eval")
     ap.add_argument("--test-n", type=int, default=1000, help="held-out test problems for the final eval")
@@ -173,6 +177,7 @@ def main() -> None:
     task = ArithmeticTask(digits=tuple(args.digits))
     tokenizer = build_tokenizer(task.alphabet)
     model = build_model(tokenizer, hidden=args.hidden, layers=args.layers, heads=args.heads, seed=args.seed)
+    model.to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{task!r}: {n_params / 1e6:.3f}M params, vocab {len(tokenizer)}", flush=True)
     t0 = time.time()

@@ -105,8 +105,8 @@ def test_checkpoint_loads_with_plain_transformers(tmp_path, models):
 def test_nan_losses_stop_training_with_a_checkpoint(tmp_path, models, monkeypatch):
     from reopold.scoring import LocalTeacher
 
-    monkeypatch.setattr(LocalTeacher, "logprobs", lambda self, rollout: torch.full(rollout.completion_mask.shape,
-                                                                                   float("nan")))
+    monkeypatch.setattr(LocalTeacher, "logprobs", lambda self, rollout: torch.full(
+        rollout.completion_mask.shape, float("nan"), device=rollout.completion_mask.device))
     config = from_dict(TrainConfig, tiny_config(tmp_path, *models, run={"steps": 6, "eval_every": 0,
                                                                         "max_bad_steps": 2}))
     with pytest.raises(TrainingStopped, match="2 steps in a row"):

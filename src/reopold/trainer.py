@@ -64,8 +64,9 @@ class Trainer:
     # ---- one rollout step ----------------------------------------------------------------------------------
     def rollout(self, problems: list) -> Rollout:
         engine = self.teacher_engine if self.algorithm.rollout_source == "teacher" else self.engine
-        return engine.generate([self.encode(p.prompt) for p in problems], problems,
-                               num_samples=self.config.rollout.samples_per_prompt)
+        rollout = engine.generate([self.encode(p.prompt) for p in problems], problems,
+                                  num_samples=self.config.rollout.samples_per_prompt)
+        return rollout.to(self.accelerator.device)  # an engine may sample elsewhere (vLLM, a CPU copy)
 
     @torch.no_grad()
     def score(self, rollout: Rollout) -> ScoredRollout:
@@ -80,8 +81,8 @@ class Trainer:
         entropy = torch.cat([pad(h) for _, h in parts])  # (B, T)
         verdicts = [self.task.check(p, text) for p, text in zip(rollout.problems, rollout.texts, strict=True)]
         teacher_logprobs = self.teacher.logprobs(rollout) if self.algorithm.needs_teacher_logprobs else None
-        return ScoredRollout(rollout, old_logprobs, entropy, torch.tensor(verdicts, dtype=torch.float32),
-                             teacher_logprobs)
+        verdicts = torch.tensor(verdicts, dtype=torch.float32, device=old_logprobs.device)  # (B,)
+        return ScoredRollout(rollout, old_logprobs, entropy, verdicts, teacher_logprobs)
 
     def update(self, scored: ScoredRollout, shaped: Shaped, step: int) -> dict:
         """Policy updates over mini-batches of prompts; the loss of each is normalised by its global token count."""
