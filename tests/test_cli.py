@@ -14,7 +14,8 @@ from reopold.train_config import TrainConfig
 from tests.tiny import make_model, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_CONFIGS = sorted({*ROOT.glob("configs/recipes/*.yaml"), *DEMO_CONFIG.parent.glob("*.yaml")})
+SHIPPED_CONFIGS = sorted({*ROOT.glob("configs/recipes/*.yaml"), *DEMO_CONFIG.parent.glob("*.yaml"),
+                          ROOT / "benchmarks" / "hard" / "config.yaml"})
 ACCELERATE_CONFIGS = sorted(ROOT.glob("configs/accelerate/*.yaml"))
 
 

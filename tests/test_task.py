@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from importlib import resources
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from reopold.tasks import ArithmeticTask, Problem, build_tokenizer, get_task, register_task
 
 DEMO = resources.files("reopold") / "assets" / "demo"
+HARD = Path(__file__).resolve().parents[1] / "benchmarks" / "hard"  # the benchmark's harder variant (3x3 digits)
 
 
 @pytest.fixture(scope="module")
@@ -126,34 +128,48 @@ def test_tokenizer_round_trips_every_character(task, tmp_path):
 
 
 # ---- shipped checkpoints -------------------------------------------------------------------------------
-def _load(name):
+def _load(name, root=DEMO):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = str(DEMO / name)
+    path = str(root / name)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
     return tok, model
 
 
-def test_shipped_checkpoints_load_offline_and_share_the_vocabulary(task):
-    t_tok, teacher = _load("teacher")
-    s_tok, student = _load("student")
+def _greedy_accuracy(tok, model, task, n=200) -> float:
+    problems = task.problems("test", n)
+    enc = tok([p.prompt for p in problems], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=False, max_new_tokens=task.max_completion_chars() + 8,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return sum(task.check(p, t) for p, t in zip(problems, texts, strict=True)) / len(problems)
+
+
+@pytest.mark.parametrize("root", [DEMO, HARD], ids=["demo", "hard"])
+def test_shipped_checkpoints_load_offline_and_share_the_vocabulary(task, root):
+    t_tok, teacher = _load("teacher", root)
+    s_tok, student = _load("student", root)
     assert t_tok.get_vocab() == s_tok.get_vocab() == build_tokenizer(task.alphabet).get_vocab()
     assert teacher.config.vocab_size == student.config.vocab_size == len(t_tok)
     n_teacher = sum(p.numel() for p in teacher.parameters())
     n_student = sum(p.numel() for p in student.parameters())
     assert n_student * 3 <= n_teacher
-    size = sum(f.stat().st_size for f in (DEMO / "teacher").iterdir() if f.is_file())  # type: ignore[attr-defined]
+    size = sum(f.stat().st_size for f in (root / "teacher").iterdir() if f.is_file())  # type: ignore[attr-defined]
     assert size <= 25 * 2**20
 
 
 def test_shipped_teacher_is_accurate(task):
     tok, teacher = _load("teacher")
-    problems = task.problems("test", 200)
-    enc = tok([p.prompt for p in problems], return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out = teacher.generate(**enc, do_sample=False, max_new_tokens=task.max_completion_chars() + 8,
-                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    acc = sum(task.check(p, t) for p, t in zip(problems, texts, strict=True)) / len(problems)
+    acc = _greedy_accuracy(tok, teacher, task)
     assert acc >= 0.85, acc
+
+
+def test_hard_variant_has_a_wide_gap():
+    """The harder variant's point: a teacher that solves 3x3 digits and a student far below it (measured on 1,000
+    test problems: 99% and 20%)."""
+    task = ArithmeticTask(digits=(3, 3))
+    teacher_acc = _greedy_accuracy(*_load("teacher", HARD), task)
+    student_acc = _greedy_accuracy(*_load("student", HARD), task)
+    assert teacher_acc >= 0.95 and student_acc <= 0.35, (teacher_acc, student_acc)
