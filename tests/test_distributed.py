@@ -16,6 +16,8 @@ from reopold.checkpoint import latest_checkpoint
 from tests.tiny import make_model, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
+DIAGNOSTICS = ("reward_mean", "below_floor_frac", "kept_frac", "reverse_kl", "entropy_mean", "response_length",
+               "train_accuracy")
 
 
 def launch(command: list[str], tmp_path: Path) -> None:
@@ -30,7 +32,7 @@ def launch(command: list[str], tmp_path: Path) -> None:
 def test_two_ranks_match_one_process(tmp_path, algo):
     teacher = make_model(tmp_path / "teacher", hidden=32, layers=1, seed=1, sharpness=4.0)
     student = make_model(tmp_path / "student", hidden=16, layers=1, seed=2)
-    weights, logged = {}, {}
+    weights, logged, diagnostics = {}, {}, {}
     for name, command in {
         "single": [sys.executable, str(ROOT / "tests" / "ddp_worker.py")],
         "ranks": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -50,10 +52,15 @@ def test_two_ranks_match_one_process(tmp_path, algo):
         weights[name] = load_file(latest_checkpoint(run_dir) / "model.safetensors")
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         logged[name] = [(r["loss"], r["grad_norm"]) for r in rows]
+        diagnostics[name] = [[r[k] for k in DIAGNOSTICS if k in r] for r in rows]
     # Loss (summed over ranks) and the gradient norm (of the all-reduced gradient) of every update agree: a missing
     # world-size factor in the loss would show here even though Adam's update is blind to the gradient's scale.
     assert len(logged["ranks"]) == 2
     torch.testing.assert_close(torch.tensor(logged["ranks"]), torch.tensor(logged["single"]), rtol=1e-5, atol=1e-7)
+    # The logged diagnostics describe the whole global batch, not the main rank's half of it.
+    assert len(diagnostics["single"][0]) >= 4
+    torch.testing.assert_close(torch.tensor(diagnostics["ranks"]), torch.tensor(diagnostics["single"]), rtol=1e-5,
+                               atol=1e-6)
     initial = load_file(student / "model.safetensors")
     assert any(not torch.equal(weights["single"][k], initial[k]) for k in initial)  # training moved the weights
     for key, value in weights["single"].items():

@@ -59,17 +59,19 @@ class Shaped:
 Gather = Callable[[torch.Tensor], torch.Tensor]  # 1-D local values -> the same from every rank, concatenated
 
 
-def _token_metrics(scored: ScoredRollout) -> dict:
+def _token_metrics(scored: ScoredRollout, gather: Gather) -> dict:
+    """Diagnostics of the whole step's batch (every rank's share, through ``gather``)."""
     mask = scored.rollout.completion_mask
     return {
-        "entropy_mean": core.masked_mean(scored.entropy, mask),
-        "response_length": mask.sum(-1).float().mean(),
-        "train_accuracy": scored.sequence_rewards.float().mean(),
+        "entropy_mean": gather(scored.entropy[mask].float()).mean(),
+        "response_length": gather(mask.sum(-1).float()).mean(),
+        "train_accuracy": gather(scored.sequence_rewards.float()).mean(),
     }
 
 
-def _reward_histogram(rewards: torch.Tensor, mask: torch.Tensor) -> dict:
-    values = rewards[mask].clamp(REWARD_HIST_EDGES[0], REWARD_HIST_EDGES[-1]).float()
+def _reward_histogram(rewards: torch.Tensor) -> dict:
+    """Counts of 1-D token rewards in REWARD_HIST_EDGES' bins (the outermost bins also count what lies beyond)."""
+    values = rewards.clamp(REWARD_HIST_EDGES[0], REWARD_HIST_EDGES[-1]).float()
     counts = torch.histc(values, bins=len(REWARD_HIST_EDGES) - 1, min=REWARD_HIST_EDGES[0], max=REWARD_HIST_EDGES[-1])
     return {"edges": REWARD_HIST_EDGES, "counts": counts.tolist()}
 
@@ -104,16 +106,17 @@ class Distillation:
         keep = core.keep_mask(rewards, scored.entropy, mask, phase=phase, floor=self.floor, threshold=threshold)
         floor = self.floor if self.switches["reward_floor"] else None
         advantages = core.clipped_rewards(rewards, floor) if self.switches["stop_gradient"] else None
+        all_rewards = gather(rewards[mask].float())  # valid token rewards of every rank
         metrics = {
             "phase": phase,
             "floor": self.floor,
-            "reward_mean": core.masked_mean(rewards, mask),
-            "below_floor_frac": core.masked_mean((rewards < self.floor).float(), mask),
-            "kept_frac": keep.sum() / mask.sum().clamp(min=1),
+            "reward_mean": all_rewards.mean(),
+            "below_floor_frac": (all_rewards < self.floor).float().mean(),
+            "kept_frac": gather(keep[mask].float()).mean(),
             "threshold": float("nan") if threshold is None else threshold,
-            "reverse_kl": core.masked_mean(-rewards, mask),
-            "reward_hist": _reward_histogram(rewards, mask),
-            **_token_metrics(scored),
+            "reverse_kl": -all_rewards.mean(),
+            "reward_hist": _reward_histogram(all_rewards),
+            **_token_metrics(scored, gather),
         }
         return Shaped(keep=keep, advantages=advantages, metrics=metrics)
 
@@ -141,7 +144,8 @@ class GRPO:
     def shape(self, scored: ScoredRollout, *, step: int, gather: Gather) -> Shaped:
         mask = scored.rollout.completion_mask
         advantages = core.grpo_advantages(scored.sequence_rewards.float(), group_size=self.group_size)  # (B,)
-        metrics = {"reward_mean": scored.sequence_rewards.float().mean(), "kept_frac": 1.0, **_token_metrics(scored)}
+        metrics = {"kept_frac": 1.0, **_token_metrics(scored, gather)}
+        metrics["reward_mean"] = metrics["train_accuracy"]  # the outcome reward is the checker's verdict
         return Shaped(keep=mask, advantages=advantages[:, None].expand_as(scored.old_logprobs), metrics=metrics)
 
     def loss(self, policy, teacher, micro: ScoredRollout, shaped: Shaped, num_tokens: torch.Tensor):
@@ -161,7 +165,7 @@ class SFT:
         self.algo = algo
 
     def shape(self, scored: ScoredRollout, *, step: int, gather: Gather) -> Shaped:
-        metrics = {"kept_frac": 1.0, **_token_metrics(scored)}
+        metrics = {"kept_frac": 1.0, **_token_metrics(scored, gather)}
         metrics["teacher_accuracy"] = metrics.pop("train_accuracy")
         return Shaped(keep=scored.rollout.completion_mask, metrics=metrics)
 
@@ -182,7 +186,7 @@ class GKD:
         self.temperature = temperature
 
     def shape(self, scored: ScoredRollout, *, step: int, gather: Gather) -> Shaped:
-        return Shaped(keep=scored.rollout.completion_mask, metrics={"kept_frac": 1.0, **_token_metrics(scored)})
+        return Shaped(keep=scored.rollout.completion_mask, metrics={"kept_frac": 1.0, **_token_metrics(scored, gather)})
 
     def loss(self, policy, teacher, micro: ScoredRollout, shaped: Shaped, num_tokens: torch.Tensor):
         student_logits = policy(micro.rollout, return_logits=True)[..., : self.vocab_size]

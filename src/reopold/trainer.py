@@ -242,12 +242,17 @@ class Trainer:
         return problems[self.accelerator.process_index :: self.accelerator.num_processes]
 
     def _gather(self, values: torch.Tensor) -> torch.Tensor:
-        """1-D values of every rank, concatenated (for the global entropy threshold)."""
+        """1-D values of every rank, concatenated in rank order (the global entropy threshold, the step's metrics).
+
+        Ranks hold different counts: each pads to the longest, and the padding is cut off by the gathered counts
+        (so NaN values, e.g. from a broken teacher, arrive as they are).
+        """
         if self.accelerator.num_processes == 1:
             return values
-        padded = self.accelerator.pad_across_processes(values, dim=0, pad_index=float("nan"))
-        gathered = self.accelerator.gather(padded)
-        return gathered[~torch.isnan(gathered)]
+        counts = self.accelerator.gather(torch.tensor([len(values)], device=values.device)).tolist()
+        padded = self.accelerator.pad_across_processes(values, dim=0)
+        rows = self.accelerator.gather(padded).reshape(len(counts), -1)  # (ranks, longest)
+        return torch.cat([row[:n] for row, n in zip(rows, counts, strict=True)])
 
     def _all_ranks(self, flag: bool) -> bool:
         """True only when ``flag`` holds on every rank (ranks must agree on whether to update)."""
