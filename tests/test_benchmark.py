@@ -192,6 +192,16 @@ def test_dry_run_plan_and_estimate(tmp_path):
                                        "wall_s": w}) + "\n" for m, st, rc, w in entries))
     # 6 runs left of each method: (6 x 100 + 6 x 20) / 2 jobs = 360 s = 6 minutes.
     assert "12 runs left: about 6 minutes at 2 at a time, from 2 measured runs" in plan_text(sweep)
+    # sft's selection finishes (0.003 wins) and one of its seeds too: its other 2 test runs are left, and
+    # reopold's 3 selection + 3 test runs, as before.
+    for lr, acc in ((1e-3, 0.2), (3e-3, 0.4), (9e-3, 0.1)):
+        with MetricsLogger(run_root(sweep.out, "select") / RunSpec("select", "sft", lr, 0).name) as logger:
+            for record in evals([0.1, 0.1, acc]):
+                logger.log(record)
+    with MetricsLogger(run_root(sweep.out, "test") / RunSpec("test", "sft", 3e-3, 1).name) as logger:
+        for record in evals([0.1, 0.1, 0.3]):
+            logger.log(record)
+    assert "8 runs left" in plan_text(sweep)
 
 
 # ---- reports from finished runs (no training: every run folder already holds its final eval) -----------------

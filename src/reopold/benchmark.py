@@ -609,11 +609,12 @@ def plan_text(sweep: Sweep) -> str:
     steps, lrs = base.run.steps, sweep.grid(base)
     select = selection_runs(sweep.methods, lrs)
     left = [s for s in select if run_status(run_root(sweep.out, s.stage) / s.name, steps) != "done"]
-    remaining = {m: sum(s.method == m for s in left) for m in sweep.methods}
-    if left:  # the test runs' lrs are not known yet: all of them are left
-        remaining = {m: count + sweep.seeds for m, count in remaining.items()}
-    else:
-        for s in seed_runs(pick_all(sweep, select, steps, lrs)[1], sweep.seeds):
+    pending = {s.method for s in left}  # lr not picked yet: every test run of these methods is left
+    remaining = {m: sum(s.method == m for s in left) + (sweep.seeds if m in pending else 0) for m in sweep.methods}
+    picked = [s for s in select if s.method not in pending]
+    if picked or not select:  # methods whose lr is known: count their unfinished test runs
+        picks = pick_all(sweep, picked, steps, lrs)[1]
+        for s in seed_runs({m: lr for m, lr in picks.items() if m not in pending}, sweep.seeds):
             remaining[s.method] += run_status(run_root(sweep.out, s.stage) / s.name, steps) != "done"
     wall: dict[str, list[float]] = {}
     log_file = Path(sweep.out) / "sweep_log.jsonl"
