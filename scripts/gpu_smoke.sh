@@ -83,6 +83,7 @@ step train_remote_teacher python3 -m reopold train "${common[@]}" --run.name rem
     --teacher.url http://127.0.0.1:8765
 kill "$server"
 
+failures=0
 for pid in "${pids[@]}"; do wait "$pid" || failures=$((failures + 1)); done
 failures=$((failures + $(grep -c ': exit [1-9]' "$LOGS/summary.txt")))  # steps that failed in subshells too
 for spec in $TEACHERS; do tail -n 4 "$LOGS/teacher-3x3-${spec%%:*}.log"; done

@@ -59,11 +59,14 @@ class Shaped:
 Gather = Callable[[torch.Tensor], torch.Tensor]  # 1-D local values -> the same from every rank, concatenated
 
 
-def _token_metrics(scored: ScoredRollout, gather: Gather) -> dict:
-    """Diagnostics of the whole step's batch (every rank's share, through ``gather``)."""
+def _token_metrics(scored: ScoredRollout, gather: Gather, all_entropy: torch.Tensor | None = None) -> dict:
+    """Diagnostics of the whole step's batch (every rank's share, through ``gather``); ``all_entropy``: the valid
+    entropies of every rank when the caller has gathered them already."""
     mask = scored.rollout.completion_mask
+    if all_entropy is None:
+        all_entropy = gather(scored.entropy[mask])
     return {
-        "entropy_mean": gather(scored.entropy[mask].float()).mean(),
+        "entropy_mean": all_entropy.float().mean(),
         "response_length": gather(mask.sum(-1).float()).mean(),
         "train_accuracy": gather(scored.sequence_rewards.float()).mean(),
     }
@@ -99,9 +102,9 @@ class Distillation:
         rewards = core.token_rewards(scored.old_logprobs, scored.teacher_logprobs)  # (B, T)
         phase = core.phase_at(step, self.switch_step)
         threshold = None
+        all_entropy = gather(scored.entropy[mask])  # valid entropies of every rank: the threshold and the metrics
         if phase == "refinement" and self.switches["entropy_selection"]:
-            everywhere = gather(scored.entropy[mask])  # valid entropies of every rank
-            threshold = core.entropy_threshold(everywhere, torch.ones_like(everywhere, dtype=torch.bool),
+            threshold = core.entropy_threshold(all_entropy, torch.ones_like(all_entropy, dtype=torch.bool),
                                                beta=self.algo.beta)
         keep = core.keep_mask(rewards, scored.entropy, mask, phase=phase, floor=self.floor, threshold=threshold)
         floor = self.floor if self.switches["reward_floor"] else None
@@ -116,7 +119,7 @@ class Distillation:
             "threshold": float("nan") if threshold is None else threshold,
             "reverse_kl": -all_rewards.mean(),
             "reward_hist": _reward_histogram(all_rewards),
-            **_token_metrics(scored, gather),
+            **_token_metrics(scored, gather, all_entropy),
         }
         return Shaped(keep=keep, advantages=advantages, metrics=metrics)
 
