@@ -7,12 +7,13 @@ ranks train on exactly the same global batch and only the distributed reductions
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from reopold.config import from_dict
 from reopold.rollout import build_rollout
-from reopold.run import train
+from reopold.run import resume_config, train
 from reopold.tasks import ArithmeticTask
 from reopold.train_config import TrainConfig
 
@@ -41,12 +42,35 @@ class ScriptedEngine:
                              eos_token_id=self.tokenizer.eos_token_id, tokenizer=self.tokenizer)
 
 
+def force_fsdp_on_cpu() -> None:
+    """accelerate lets FSDP run only on GPU-like devices; torch's FSDP2 itself runs on CPU over gloo. Set the
+    environment ``accelerate launch --config_file configs/accelerate/fsdp.yaml`` sets, and make accelerate take this
+    gloo process group for a GPU one, so the sharded path (FSDP2's hooks, collectives and state dicts) runs here."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    os.environ.update({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+                       "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "FSDP_RESHARD_AFTER_FORWARD": "true",
+                       "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"})
+    state = PartialState(cpu=True)
+    if state.num_processes > 1:
+        state.distributed_type = DistributedType.MULTI_GPU
+
+
 def main() -> None:
-    config = from_dict(TrainConfig, json.loads(Path(sys.argv[1]).read_text()))
+    """ddp_worker.py CONFIG.json [--fsdp] [--resume RUN_DIR --steps N]"""
+    args = sys.argv[1:]
+    if "--fsdp" in args:
+        force_fsdp_on_cpu()
+    resume = args[args.index("--resume") + 1] if "--resume" in args else None
+    if resume:
+        config = resume_config(Path(resume), [f"run.steps={args[args.index('--steps') + 1]}"])
+    else:
+        config = from_dict(TrainConfig, json.loads(Path(args[0]).read_text()))
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.student.model)
-    train(config, engine=ScriptedEngine(tokenizer))
+    train(config, resume=resume, engine=ScriptedEngine(tokenizer))
 
 
 if __name__ == "__main__":

@@ -46,14 +46,18 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dict, *, keep: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically, point ``latest`` at it, and delete all but the newest ``keep``."""
+def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dict, *, keep: int = 2,
+                    weights: dict | None = None) -> Path:
+    """Write checkpoint ``step`` atomically, point ``latest`` at it, and delete all but the newest ``keep``.
+
+    ``weights``: the model's full state dict, when ``model`` itself holds only a shard of it (FSDP).
+    """
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     torch.save({**state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
     if final.exists():

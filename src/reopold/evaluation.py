@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from reopold.checkers import Checker, TaskChecker
+from reopold.remote_teacher import TeacherUnavailable
 from reopold.rollout import HFRolloutEngine
 from reopold.scoring import TokenScorer
 
@@ -75,6 +76,7 @@ def evaluate(
     batch_size: int = 256,
     kl_problems: int = 256,
     seed: int = 0,
+    scorer=None,
 ) -> dict[str, float]:
     """Metrics of ``model`` on ``problems``.
 
@@ -83,7 +85,9 @@ def evaluate(
     reverse_kl: mean over sampled responses (temperature ``temperature``, the first ``kl_problems`` problems) of
         sum_t log pi_S(o_t) - log pi_T(o_t): the sampled estimate of the sequence-level KL(student || teacher).
 
-    The training RNG is left untouched: sampling uses a forked RNG seeded with ``seed``.
+    The training RNG is left untouched: sampling uses a forked RNG seeded with ``seed``. ``scorer`` scores the
+    student's samples (default ``TokenScorer(model)``; the trainer passes its prepared one, which a sharded student
+    needs).
     """
     graded = sample_and_grade(model, tokenizer, problems, encode, TaskChecker(task), max_new_tokens=max_new_tokens,
                               greedy=True, batch_size=batch_size)
@@ -96,19 +100,22 @@ def evaluate(
         return metrics
 
     sampler = HFRolloutEngine(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature)
-    scorer = TokenScorer(model, temperature=temperature)
+    scorer = scorer if scorer is not None else TokenScorer(model, temperature=temperature)
     devices = [next(model.parameters()).device] if next(model.parameters()).is_cuda else []
     kl_sum, count = 0.0, 0
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        subset = problems[:kl_problems]
-        for start in range(0, len(subset), batch_size):
-            chunk = subset[start : start + batch_size]
-            rollout = sampler.generate([encode(p.prompt) for p in chunk], chunk)
-            student_logprobs, _ = scorer(rollout, with_entropy=False)
-            teacher_logprobs = teacher.logprobs(rollout)
-            per_token = torch.where(rollout.completion_mask, student_logprobs - teacher_logprobs, 0.0)
-            kl_sum += per_token.sum().item()
-            count += len(chunk)
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            subset = problems[:kl_problems]
+            for start in range(0, len(subset), batch_size):
+                chunk = subset[start : start + batch_size]
+                rollout = sampler.generate([encode(p.prompt) for p in chunk], chunk)
+                student_logprobs, _ = scorer(rollout, with_entropy=False)
+                teacher_logprobs = teacher.logprobs(rollout)
+                per_token = torch.where(rollout.completion_mask, student_logprobs - teacher_logprobs, 0.0)
+                kl_sum += per_token.sum().item()
+                count += len(chunk)
+    except TeacherUnavailable:  # a served teacher went down: keep the accuracy (training stops at its next score)
+        return metrics
     metrics["reverse_kl"] = kl_sum / max(count, 1)
     return metrics

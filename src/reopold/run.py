@@ -16,6 +16,7 @@ from reopold.algorithms import build_algorithm
 from reopold.checkpoint import latest_checkpoint, load_state, set_rng_state
 from reopold.config import ConfigError, load_config, save_config
 from reopold.data import PromptEncoder, PromptSampler, build_task
+from reopold.distributed import ShardedLM, load_full_optimizer_state, sharding
 from reopold.models import (
     apply_lora,
     check_output_size,
@@ -141,6 +142,10 @@ def train(config: TrainConfig, *, resume: str | None = None, engine=None) -> Pat
 
     check_trackers(config)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.run.mixed_precision)
+    sharded = sharding(accelerator) is not None  # raises for set-ups the trainer does not run
+    if sharded and config.rollout.engine != "hf" and engine is None:
+        raise ConfigError("rollout.engine=vllm cannot sync a sharded (FSDP) student's weights; use rollout.engine=hf "
+                          "or data parallelism (configs/accelerate/ddp.yaml)")
     run_dir, checkpoint = prepare_run_dir(config, resume, main=accelerator.is_main_process)
     accelerator.wait_for_everyone()
     # A LoRA checkpoint holds only the adapters: the base weights come from student.model.
@@ -207,7 +212,12 @@ def train(config: TrainConfig, *, resume: str | None = None, engine=None) -> Pat
     state = TrainState()
     if checkpoint is not None:
         saved = load_state(checkpoint)
-        optimizer.load_state_dict(saved["optimizer"])
+        if saved.get("sharded_optimizer"):  # full state keyed by parameter names: loads into shards or not
+            load_full_optimizer_state(policy, optimizer, saved["optimizer"])
+        elif sharded:
+            raise ConfigError(f"{checkpoint} was written without FSDP; resume it with the same launch set-up")
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = TrainState(**saved["train_state"])
         set_rng_state(saved["rng"])
@@ -217,13 +227,14 @@ def train(config: TrainConfig, *, resume: str | None = None, engine=None) -> Pat
         logger = MetricsLogger(run_dir, tensorboard=config.run.tensorboard, wandb=wandb, resume=checkpoint is not None,
                                truncate_after_step=state.step if checkpoint is not None else None)
     if engine is None:
-        engine = build_engine(config, student, student_path, tokenizer, accelerator.device)
+        generator = ShardedLM(policy, student) if sharded else student
+        engine = build_engine(config, generator, student_path, tokenizer, accelerator.device)
     trainer = Trainer(
         config, run_dir, accelerator=accelerator, policy=policy, student=student, tokenizer=tokenizer,
         teacher=teacher, engine=engine, teacher_engine=teacher_engine, task=task,
         sampler=PromptSampler(train_problems, config.rollout.prompts_per_step, config.run.seed),
         eval_problems=eval_problems, encode=encode, algorithm=build_algorithm(config, len(tokenizer)),
-        logger=logger, optimizer=optimizer, scheduler=scheduler,
+        logger=logger, optimizer=optimizer, scheduler=scheduler, sharded=sharded,
     )  # fmt: skip
     trainer.state = state
     try:
@@ -232,4 +243,7 @@ def train(config: TrainConfig, *, resume: str | None = None, engine=None) -> Pat
         logger.close()
         if config.run.report and accelerator.is_main_process:
             write_report(run_dir, title=f"{config.run_name}: {config.algo.name}")
+    if accelerator.num_processes > 1:  # left to interpreter exit, gloo's threads sometimes abort the process
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
     return run_dir

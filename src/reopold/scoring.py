@@ -19,6 +19,12 @@ def _plain_lm_head(lm) -> bool:
     return get("final_logit_softcapping") is None and get("logit_scale") in (None, 1.0) and hasattr(lm, "get_decoder")
 
 
+def _owned(t):
+    """``t``, copied when it is a view: FSDP2's backward hooks on a root module's output are lost if a view is
+    modified in place later (torch warns), so the scorer never returns one."""
+    return t.clone() if isinstance(t, torch.Tensor) and t._base is not None else t
+
+
 class TokenScorer(torch.nn.Module):
     """Wraps a causal LM so that one forward pass returns response log-probs and entropies.
 
@@ -32,9 +38,28 @@ class TokenScorer(torch.nn.Module):
         self.temperature = temperature
         self.chunk_size = chunk_size
 
-    def forward(self, rollout: Rollout, with_entropy: bool = True, return_logits: bool = False):
+    @property
+    def _no_split_modules(self):
+        # accelerate's FSDP "TRANSFORMER_BASED_WRAP" shards each of these blocks (the decoder layers) as one unit.
+        # The embeddings, final norm and LM head stay in the root unit, gathered for the whole forward: the chunked
+        # log-prob path reads the head's weight directly, outside the head's own forward.
+        return getattr(self.lm, "_no_split_modules", None)
+
+    def forward(self, rollout: Rollout | None = None, with_entropy: bool = True, return_logits: bool = False,
+                generate: dict | None = None):
         """(logprobs (B, T), entropy (B, T) or None) of the response tokens; with ``return_logits`` the full
-        (B, T, V) next-token logits at the response positions instead (for GKD)."""
+        (B, T, V) next-token logits at the response positions instead (for GKD).
+
+        ``generate``: keyword arguments for ``self.lm.generate``, whose output is returned instead. Generation of
+        a sharded (FSDP) student must run inside the root module's forward, where its weights are gathered (see
+        reopold.distributed).
+        """
+        if generate is not None:
+            return self.lm.generate(**generate)
+        out = self._score(rollout, with_entropy, return_logits)
+        return tuple(_owned(t) for t in out) if isinstance(out, tuple) else _owned(out)
+
+    def _score(self, rollout: Rollout, with_entropy: bool, return_logits: bool):
         start, end = rollout.prompt_length - 1, rollout.input_ids.shape[1] - 1  # positions that predict responses
         tokens = rollout.completion_ids  # (B, T)
         inputs = {

@@ -20,6 +20,7 @@ import torch
 
 from reopold.algorithms import ScoredRollout, Shaped
 from reopold.checkpoint import save_checkpoint
+from reopold.distributed import ShardedLM, full_model_state, full_optimizer_state
 from reopold.evaluation import evaluate
 from reopold.remote_teacher import TeacherUnavailable
 from reopold.rollout import Rollout
@@ -40,12 +41,16 @@ class TrainState:
 
 class Trainer:
     def __init__(self, config, run_dir: Path, *, accelerator, policy, student, tokenizer, teacher, engine,
-                 teacher_engine, task, sampler, eval_problems, encode, algorithm, logger, optimizer, scheduler):
+                 teacher_engine, task, sampler, eval_problems, encode, algorithm, logger, optimizer, scheduler,
+                 sharded: bool = False):
         self.config = config
         self.run_dir = run_dir
         self.accelerator = accelerator
         self.policy = policy  # TokenScorer around the student, prepared (maybe DDP-wrapped) by accelerate
         self.student = student  # the plain HF model inside it: generate, save_pretrained
+        # FSDP: no rank holds the full student; generation, evaluation and saving gather it on every rank.
+        self.sharded = sharded
+        self.generator = ShardedLM(policy, student) if sharded else student
         self.tokenizer = tokenizer
         self.teacher = teacher
         self.task = task
@@ -200,16 +205,17 @@ class Trainer:
         return state
 
     def evaluate_and_log(self) -> dict:
-        if not self.accelerator.is_main_process:
+        """Greedy accuracy and the reverse KL on the held-out problems, logged by the main rank. A sharded student
+        is evaluated on every rank (the same problems: generation gathers weights collectively)."""
+        if not (self.sharded or self.accelerator.is_main_process):
             return {}
         data = self.config.data
-        kwargs = dict(max_new_tokens=self.config.rollout.max_new_tokens, temperature=self.config.rollout.temperature,
-                      kl_problems=min(256, data.eval_problems), seed=self.config.run.seed)
-        try:
-            metrics = evaluate(self.student, self.tokenizer, self.task, self.eval_problems, self.encode,
-                               teacher=self.teacher, **kwargs)
-        except TeacherUnavailable:  # keep the accuracy; the next scoring step stops the run if the server stays down
-            metrics = evaluate(self.student, self.tokenizer, self.task, self.eval_problems, self.encode, **kwargs)
+        metrics = evaluate(self.generator, self.tokenizer, self.task, self.eval_problems, self.encode,
+                           teacher=self.teacher, max_new_tokens=self.config.rollout.max_new_tokens,
+                           temperature=self.config.rollout.temperature, kl_problems=min(256, data.eval_problems),
+                           seed=self.config.run.seed, scorer=self.policy if self.sharded else None)
+        if not self.accelerator.is_main_process:
+            return metrics
         self.last_eval = metrics
         self.logger.log({"kind": "eval", "step": self.state.step, "samples": self.state.samples,
                          "time": self.state.elapsed, **metrics})
@@ -217,15 +223,20 @@ class Trainer:
 
     def save(self) -> Path | None:
         self.accelerator.wait_for_everyone()
+        weights = None
+        if self.sharded:  # collective: every rank sends its shards, the main one receives the full tensors
+            weights = full_model_state(self.accelerator, self.policy)
+            optimizer_state = full_optimizer_state(self.policy, self.optimizer)
         if not self.accelerator.is_main_process:
             return None
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state if self.sharded else self.optimizer.state_dict(),
+            "sharded_optimizer": self.sharded,
             "scheduler": self.scheduler.state_dict(),
             "train_state": vars(self.state).copy(),
         }
         return save_checkpoint(self.run_dir, self.state.step, self.student, self.tokenizer, state,
-                               keep=self.config.run.keep_checkpoints)
+                               keep=self.config.run.keep_checkpoints, weights=weights)
 
     # ---- helpers ---------------------------------------------------------------------------------------------
     def _step_seed(self, step: int) -> int:
