@@ -57,11 +57,31 @@ def force_fsdp_on_cpu() -> None:
         state.distributed_type = DistributedType.MULTI_GPU
 
 
+def deepspeed_on_cpu(stage: int) -> None:
+    """The environment ``accelerate launch`` sets for a DeepSpeed config of this ZeRO stage. DeepSpeed runs on the
+    CPU over gloo (its CPU accelerator), but accelerate turns DeepSpeed off for ``Accelerator(cpu=True)`` and picks
+    no process-group backend without a GPU: the trainer's Accelerator is built with the gloo backend instead."""
+    import accelerate
+    from accelerate.utils import InitProcessGroupKwargs
+
+    os.environ.update({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage),
+                       "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1", "ACCELERATE_GRADIENT_CLIPPING": "1.0",
+                       "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false"})
+    original = accelerate.Accelerator
+
+    def gloo_accelerator(*, cpu=False, **kwargs):
+        return original(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")], **kwargs)
+
+    accelerate.Accelerator = gloo_accelerator
+
+
 def main() -> None:
-    """ddp_worker.py CONFIG.json [--fsdp] [--resume RUN_DIR --steps N]"""
+    """ddp_worker.py CONFIG.json [--fsdp | --zero STAGE] [--resume RUN_DIR --steps N]"""
     args = sys.argv[1:]
     if "--fsdp" in args:
         force_fsdp_on_cpu()
+    if "--zero" in args:
+        deepspeed_on_cpu(int(args[args.index("--zero") + 1]))
     resume = args[args.index("--resume") + 1] if "--resume" in args else None
     if resume:
         config = resume_config(Path(resume), [f"run.steps={args[args.index('--steps') + 1]}"])

@@ -74,6 +74,20 @@ def test_accelerate_configs_are_valid(path):
     assert config.num_processes >= 2 and config.distributed_type in ("MULTI_GPU", "DEEPSPEED", "FSDP")
 
 
+def test_sharded_accelerate_configs_ask_for_what_the_trainer_runs():
+    """The settings tests/ddp_worker.py runs FSDP and ZeRO-3 with on CPU are the shipped configs' settings."""
+    import yaml
+
+    fsdp = yaml.safe_load((ROOT / "configs" / "accelerate" / "fsdp.yaml").read_text())["fsdp_config"]
+    assert (fsdp["fsdp_version"], fsdp["fsdp_auto_wrap_policy"], fsdp["fsdp_state_dict_type"]) == (
+        2, "TRANSFORMER_BASED_WRAP", "FULL_STATE_DICT")
+    for stage in (2, 3):
+        deepspeed = yaml.safe_load((ROOT / "configs" / "accelerate" / f"zero{stage}.yaml").read_text())
+        assert deepspeed["distributed_type"] == "DEEPSPEED" and deepspeed["deepspeed_config"]["zero_stage"] == stage
+    zero3 = yaml.safe_load((ROOT / "configs" / "accelerate" / "zero3.yaml").read_text())["deepspeed_config"]
+    assert zero3["zero3_save_16bit_model"] is True
+
+
 def test_paper_recipe_has_the_paper_values():
     config = load_config(TrainConfig, ROOT / "configs" / "recipes" / "math-1.5b.yaml")
     assert (config.algo.lam, config.algo.beta, config.switch_step, config.run.steps) == (0.3, 0.2, 100, 300)

@@ -1,8 +1,9 @@
-"""Two CPU ranks (gloo), data-parallel or FSDP2-sharded, give the same parameters as one process on the same global
-batch; a sharded run's checkpoint resumes on two ranks or on one."""
+"""Two CPU ranks (gloo), data-parallel, FSDP2 or DeepSpeed ZeRO-2/3, give the same parameters as one process on the
+same global batch; sharded runs' checkpoints resume."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -22,12 +23,14 @@ DIAGNOSTICS = ("reward_mean", "below_floor_frac", "kept_frac", "reverse_kl", "en
                "train_accuracy")
 
 
-def launch(command: list[str], tmp_path: Path) -> None:
+def launch(command: list[str], tmp_path: Path, *, expect_failure: bool = False) -> str:
+    """Run a worker command; its stderr. It must succeed, or, with ``expect_failure``, fail."""
     # tests/ and, for an uninstalled checkout, src/ importable in the launched ranks
     path = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.returncode != 0) == expect_failure, result.stderr[-3000:]
+    return result.stderr
 
 
 SINGLE = [sys.executable, str(ROOT / "tests" / "ddp_worker.py")]
@@ -35,12 +38,18 @@ TWO_RANKS = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--n
              str(ROOT / "tests" / "ddp_worker.py")]
 
 
-@pytest.mark.parametrize(("algo", "mode"), [("reopold", "ddp"), ("grpo", "ddp"), ("reopold", "fsdp"), ("gkd", "fsdp")])
+MODES = {"ddp": [], "fsdp": ["--fsdp"], "zero2": ["--zero", "2"], "zero3": ["--zero", "3"]}
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install deepspeed")
+
+
+@pytest.mark.parametrize(("algo", "mode"), [("reopold", "ddp"), ("grpo", "ddp"), ("reopold", "fsdp"), ("gkd", "fsdp"),
+                                            pytest.param("reopold", "zero2", marks=needs_deepspeed),
+                                            pytest.param("reopold", "zero3", marks=needs_deepspeed)])
 def test_two_ranks_match_one_process(tmp_path, algo, mode):
     teacher = make_model(tmp_path / "teacher", hidden=32, layers=1, seed=1, sharpness=4.0)
     student = make_model(tmp_path / "student", hidden=16, layers=2, seed=2)
     weights, logged, diagnostics = {}, {}, {}
-    flags = ["--fsdp"] if mode == "fsdp" else []  # FSDP2: each rank holds half of every weight
+    flags = MODES[mode]  # FSDP2 and ZeRO-3: each rank holds half of every weight
     for name, command in {"single": SINGLE, "ranks": TWO_RANKS}.items():
         # 2 steps, T_switch = 1: both phases, so the global entropy threshold and kept-token count are exercised.
         # (Longer runs drift apart at float-noise level when a token's entropy sits on the threshold and the
@@ -71,10 +80,12 @@ def test_two_ranks_match_one_process(tmp_path, algo, mode):
         torch.testing.assert_close(weights["ranks"][key], value, atol=1e-5, rtol=1e-4, msg=key)
 
 
-def test_sharded_checkpoint_resumes_on_two_ranks_or_one(tmp_path):
-    """FSDP2 on two ranks for 2 steps, then resumed for a third on two ranks (and, from a copy, on one process):
-    the same weights, losses and evaluation as one process training 3 steps straight. The checkpoint holds the full
-    weights and a full optimizer state keyed by parameter names; evaluation generates through the sharded model."""
+@pytest.mark.parametrize("mode", ["fsdp", pytest.param("zero3", marks=needs_deepspeed)])
+def test_sharded_checkpoint_resumes(tmp_path, mode):
+    """Sharded on two ranks for 2 steps, then resumed for a third on two ranks: the same weights, losses and
+    evaluation as one process training 3 steps straight. The checkpoint holds the full weights; evaluation generates
+    through the sharded model. FSDP saves one full optimizer state keyed by parameter names, so its checkpoint also
+    resumes on one process; DeepSpeed saves each rank's partition, and resuming on one process is refused."""
     teacher = make_model(tmp_path / "teacher", hidden=32, layers=1, seed=1, sharpness=4.0)
     student = make_model(tmp_path / "student", hidden=16, layers=2, seed=2)
     runs = {}
@@ -86,13 +97,18 @@ def test_sharded_checkpoint_resumes_on_two_ranks_or_one(tmp_path):
                              data={"eval_problems": 8})
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(config))
-        launch([*(SINGLE if name == "single" else TWO_RANKS), str(path), *([] if name == "single" else ["--fsdp"])],
+        launch([*(SINGLE if name == "single" else TWO_RANKS), str(path), *([] if name == "single" else MODES[mode])],
                tmp_path)
         runs[name] = tmp_path / name / "runs" / name
     runs["one_process"] = tmp_path / "one_process"
     shutil.copytree(runs["sharded"], runs["one_process"])
-    launch([*TWO_RANKS, "-", "--fsdp", "--resume", str(runs["sharded"]), "--steps", "3"], tmp_path)
-    launch([*SINGLE, "-", "--resume", str(runs["one_process"]), "--steps", "3"], tmp_path)
+    launch([*TWO_RANKS, "-", *MODES[mode], "--resume", str(runs["sharded"]), "--steps", "3"], tmp_path)
+    one_process = [*SINGLE, "-", "--resume", str(runs["one_process"]), "--steps", "3"]
+    if mode == "zero3":
+        message = launch(one_process, tmp_path, expect_failure=True)
+        assert "written by a DeepSpeed run; resume it under DeepSpeed" in message
+    else:
+        launch(one_process, tmp_path)
 
     def outcome(run_dir):
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -102,9 +118,51 @@ def test_sharded_checkpoint_resumes_on_two_ranks_or_one(tmp_path):
 
     expected_weights, expected_train, expected_evals = outcome(runs["single"])
     assert len(expected_train) == 3 and len(expected_evals) == 4
-    for name in ("sharded", "one_process"):
+    for name in ("sharded", "one_process") if mode == "fsdp" else ("sharded",):
         weights, train, evals = outcome(runs[name])
         torch.testing.assert_close(torch.tensor(train), torch.tensor(expected_train), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(torch.tensor(evals), torch.tensor(expected_evals), rtol=1e-4, atol=1e-6)
         for key, value in expected_weights.items():
             torch.testing.assert_close(weights[key], value, atol=1e-5, rtol=1e-4, msg=f"{name}: {key}")
+
+
+def fake_accelerator(kind: str, *, fsdp_version: int = 2, zero_stage: int = 2, processes: int = 2):
+    from types import SimpleNamespace
+
+    state = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version),
+                            deepspeed_plugin=SimpleNamespace(zero_stage=zero_stage, deepspeed_config={}))
+    return SimpleNamespace(distributed_type=kind, state=state, num_processes=processes)
+
+
+def test_sharding_names_what_the_trainer_runs_and_refuses_fsdp1():
+    from reopold.config import ConfigError
+    from reopold.distributed import deepspeed_stage, sharding
+
+    assert sharding(fake_accelerator("FSDP")) == "fsdp2"
+    assert sharding(fake_accelerator("DEEPSPEED", zero_stage=3)) == "zero3"
+    assert sharding(fake_accelerator("DEEPSPEED", zero_stage=2)) is None
+    assert deepspeed_stage(fake_accelerator("DEEPSPEED", zero_stage=2)) == 2
+    assert sharding(fake_accelerator("MULTI_CPU")) is None and deepspeed_stage(fake_accelerator("MULTI_GPU")) is None
+    with pytest.raises(ConfigError, match="fsdp_version: 2"):
+        sharding(fake_accelerator("FSDP", fsdp_version=1))
+
+
+def test_deepspeed_gets_the_trainers_batch_sizes_and_clipping():
+    from reopold.distributed import configure_deepspeed
+
+    accelerator = fake_accelerator("DEEPSPEED", zero_stage=3, processes=4)
+    configure_deepspeed(accelerator, micro_batch_size=8, micro_batches=3, grad_clip=0.0)
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (8, 3)
+    assert config["train_batch_size"] == 8 * 3 * 4 and config["gradient_clipping"] == 0.0  # 0: no clipping
+    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+@pytest.mark.parametrize(("written", "expected"), [("torch", "full"), ("per_rank", "torch"), ("full", "per_rank")])
+def test_resume_under_another_launch_setup_is_refused_clearly(tmp_path, written, expected):
+    from reopold.config import ConfigError
+    from reopold.run import load_optimizer_state
+
+    with pytest.raises(ConfigError, match="resume it under"):
+        load_optimizer_state(None, None, None, {"optimizer": {}, "optimizer_format": written}, tmp_path,
+                             expected=expected)

@@ -1,8 +1,8 @@
-"""Sharded training (FSDP2 through accelerate): what changes when no rank holds the student's full weights.
+"""Sharded training through accelerate (FSDP2, DeepSpeed ZeRO-2/3): what changes when ranks split the student.
 
 Under DDP every rank holds a full student, so ``student.generate`` and ``student.save_pretrained`` work as they are.
-Under FSDP2 each rank holds a shard of every parameter; a module's weights are all-gathered by hooks that run
-around its forward. Three things follow, and this module holds them:
+Under FSDP2 and ZeRO-3 each rank holds a shard of every parameter; a module's weights are all-gathered by hooks that
+run around its forward. Three things follow, and this module holds them:
 
 * Generation goes through the prepared (root) module's forward, ``TokenScorer(generate=...)``, so the root's own
   parameters are gathered, and with ``synced_gpus=True``: ranks whose answers ended keep joining the per-token
@@ -11,23 +11,38 @@ around its forward. Three things follow, and this module holds them:
 * Every rank takes part in what gathers weights: evaluation runs on all ranks (the same problems, so the same
   answers; the main rank logs), and saving collects the full state dict on all ranks before the main one writes.
 * The optimizer state is saved as one full (unsharded) state dict keyed by parameter names and loaded back into the
-  shards, so a resume may use another number of processes.
+  shards, so a resume may use another number of processes. DeepSpeed's ZeRO optimizer has no such form: every
+  rank's partition is saved (a list, in rank order), and a resume needs the same number of processes.
+
+DeepSpeed also owns the optimizer step: accelerate's ``backward`` runs ``engine.step()`` (clipping, update) whenever
+``sync_gradients`` is set, and the engine divides each loss by its ``gradient_accumulation_steps``.
+:func:`configure_deepspeed` writes the trainer's batch sizes and clipping into the engine's config, and
+:func:`end_of_update` marks the micro-batch after which the engine steps.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
 from reopold.config import ConfigError
 
 
+def deepspeed_stage(accelerator) -> int | None:
+    """The ZeRO stage when accelerate runs DeepSpeed, else None."""
+    if _kind(accelerator) != "DEEPSPEED":
+        return None
+    return int(accelerator.state.deepspeed_plugin.zero_stage)
+
+
 def sharding(accelerator) -> str | None:
-    """``"fsdp2"`` when the student's parameters are sharded over ranks, None when every rank holds them all.
+    """``"fsdp2"`` or ``"zero3"`` when the student's parameters are sharded over ranks, None when every rank holds
+    them all (one process, DDP, ZeRO-1/2).
 
     Raises for the sharded set-ups this trainer does not run, before any model is loaded.
     """
-    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
-    if kind == "FSDP":
+    if _kind(accelerator) == "FSDP":
         version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
         if version != 2:
             raise ConfigError(
@@ -35,16 +50,48 @@ def sharding(accelerator) -> str | None:
                 "(configs/accelerate/fsdp.yaml is one)"
             )
         return "fsdp2"
-    if kind == "DEEPSPEED":
-        plugin = accelerator.state.deepspeed_plugin
-        stage = plugin.zero_stage if plugin is not None else None
-        raise ConfigError(
-            f"DeepSpeed (ZeRO stage {stage}) is not supported by reopold's trainer: its engine steps the optimizer "
-            "inside backward(), which breaks the per-mini-batch updates with gradient accumulation. Shard with FSDP2 "
-            "instead (configs/accelerate/fsdp.yaml: parameters, gradients and optimizer state, like ZeRO-3), or "
-            "use plain data parallelism (configs/accelerate/ddp.yaml)"
-        )
-    return None
+    return "zero3" if deepspeed_stage(accelerator) == 3 else None
+
+
+@contextmanager
+def whole_models(accelerator):
+    """Load models whole inside this block. Under ZeRO-3 accelerate registers its DeepSpeed config with transformers,
+    and ``from_pretrained`` then partitions every model as it loads (zero.Init, whatever zero3_init_flag says): the
+    teacher too, which no engine would gather. The student is partitioned by ``accelerator.prepare`` instead."""
+    if deepspeed_stage(accelerator) != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def configure_deepspeed(accelerator, *, micro_batch_size: int, micro_batches: int, grad_clip: float) -> None:
+    """Write the trainer's batch sizes and clipping into the DeepSpeed config, before ``accelerator.prepare``.
+
+    ``micro_batches`` (micro-batches per update) becomes the engine's gradient_accumulation_steps, which it divides
+    each loss by (the trainer multiplies it back: its losses are already normalised by the global token count).
+    """
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    config["gradient_accumulation_steps"] = micro_batches
+    config["train_batch_size"] = micro_batch_size * micro_batches * accelerator.num_processes
+    config["gradient_clipping"] = float(grad_clip) if grad_clip > 0 else 0.0
+    if deepspeed_stage(accelerator) == 3:  # full weights for save_pretrained, gathered on the main rank
+        config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def end_of_update(accelerator, last: bool) -> None:
+    """Under DeepSpeed, let the engine step after this micro-batch's backward only when it is the update's last."""
+    accelerator.gradient_state._set_sync_gradients(last)  # what accelerator.accumulate() sets, without its counter
+
+
+def _kind(accelerator) -> str:
+    return str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
 
 
 class ShardedLM:
@@ -105,6 +152,34 @@ def load_full_optimizer_state(policy, optimizer, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(policy, _inner(optimizer), state, options=StateDictOptions(full_state_dict=True))
+
+
+def per_rank_optimizer_state(accelerator, optimizer) -> list | None:
+    """Every rank's optimizer partition (DeepSpeed ZeRO), on the CPU, as a list in rank order on the main rank (None
+    on the others). Collective: every rank calls it."""
+    state = _to_cpu(optimizer.state_dict())
+    gathered = [None] * accelerator.num_processes if accelerator.is_main_process else None
+    torch.distributed.gather_object(state, gathered, dst=0)
+    return gathered
+
+
+def load_per_rank_optimizer_state(accelerator, optimizer, states: list) -> None:
+    if len(states) != accelerator.num_processes:
+        raise ConfigError(
+            f"this checkpoint holds DeepSpeed optimizer partitions of {len(states)} processes; resume it with "
+            f"{len(states)} processes, not {accelerator.num_processes}"
+        )
+    optimizer.load_state_dict(states)  # the ZeRO optimizer takes every rank's partition and picks its own
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 def _inner(optimizer):

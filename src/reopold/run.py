@@ -6,8 +6,10 @@ seconds, not after the models have loaded.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -16,7 +18,15 @@ from reopold.algorithms import build_algorithm
 from reopold.checkpoint import latest_checkpoint, load_state, set_rng_state
 from reopold.config import ConfigError, load_config, save_config
 from reopold.data import PromptEncoder, PromptSampler, build_task
-from reopold.distributed import ShardedLM, load_full_optimizer_state, sharding
+from reopold.distributed import (
+    ShardedLM,
+    configure_deepspeed,
+    deepspeed_stage,
+    load_full_optimizer_state,
+    load_per_rank_optimizer_state,
+    sharding,
+    whole_models,
+)
 from reopold.models import (
     apply_lora,
     check_output_size,
@@ -28,7 +38,7 @@ from reopold.models import (
 )
 from reopold.remote_teacher import RemoteTeacher
 from reopold.rollout import HFRolloutEngine
-from reopold.scoring import LocalTeacher, TokenScorer
+from reopold.scoring import LocalTeacher, TokenScorer, plain_lm_head
 from reopold.train_config import TrainConfig
 from reopold.trainer import Trainer, TrainState
 
@@ -75,6 +85,23 @@ def preflight_teacher(teacher_lm, tokenizer, task, problems, encode, max_new_tok
             "format, and rollout.max_new_tokens"
         )
     return accuracy
+
+
+def load_optimizer_state(accelerator, policy, optimizer, saved: dict, checkpoint: Path, *, expected: str) -> None:
+    """Restore the optimizer from a checkpoint's trainer state, in whichever form its run saved it: ``torch`` (one
+    process or DDP: the optimizer's own state dict), ``full`` (FSDP: unsharded, keyed by parameter names; loads
+    into shards or into a whole model) or ``per_rank`` (DeepSpeed: every rank's partition)."""
+    written = saved.get("optimizer_format", "torch")
+    if written == "full" and expected != "per_rank":
+        load_full_optimizer_state(policy, optimizer, saved["optimizer"])
+    elif written == expected == "per_rank":
+        load_per_rank_optimizer_state(accelerator, optimizer, saved["optimizer"])
+    elif written == expected == "torch":
+        optimizer.load_state_dict(saved["optimizer"])
+    else:
+        names = {"torch": "one process or DDP", "full": "FSDP", "per_rank": "DeepSpeed"}
+        raise ConfigError(f"{checkpoint} was written by a {names[written]} run; resume it under {names[written]}, "
+                          f"not {names[expected]}")
 
 
 class NullLogger:
@@ -144,8 +171,19 @@ def train(config: TrainConfig, *, resume: str | None = None, engine=None) -> Pat
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.run.mixed_precision)
     sharded = sharding(accelerator) is not None  # raises for set-ups the trainer does not run
     if sharded and config.rollout.engine != "hf" and engine is None:
-        raise ConfigError("rollout.engine=vllm cannot sync a sharded (FSDP) student's weights; use rollout.engine=hf "
-                          "or data parallelism (configs/accelerate/ddp.yaml)")
+        raise ConfigError("rollout.engine=vllm cannot sync a sharded (FSDP, ZeRO-3) student's weights; use "
+                          "rollout.engine=hf, or data parallelism (configs/accelerate/ddp.yaml, zero2.yaml)")
+    zero_stage = deepspeed_stage(accelerator)
+    if accelerator.is_main_process:  # what accelerate made of the launch, before anything slow
+        kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+        layout = f"ZeRO-{zero_stage}" if zero_stage else "FSDP2" if sharded else kind
+        print(f"reopold: {accelerator.num_processes} process(es), {layout}, {accelerator.device}, mixed precision "
+              f"{accelerator.mixed_precision}{', student sharded' if sharded else ''}", file=sys.stderr)
+    if zero_stage is not None:
+        rows = config.optim.mini_batch_prompts // accelerator.num_processes * config.rollout.samples_per_prompt
+        configure_deepspeed(accelerator, micro_batch_size=config.optim.micro_batch_size,
+                            micro_batches=math.ceil(rows / config.optim.micro_batch_size),
+                            grad_clip=config.optim.grad_clip)
     run_dir, checkpoint = prepare_run_dir(config, resume, main=accelerator.is_main_process)
     accelerator.wait_for_everyone()
     # A LoRA checkpoint holds only the adapters: the base weights come from student.model.
@@ -176,7 +214,8 @@ def train(config: TrainConfig, *, resume: str | None = None, engine=None) -> Pat
         raise ConfigError(f"rollout.prompts_per_step must be a multiple of the {accelerator.num_processes} processes")
 
     torch.manual_seed(config.run.seed)
-    student = load_model(student_path, dtype=config.student.dtype, device=accelerator.device)
+    with whole_models(accelerator):
+        student = load_model(student_path, dtype=config.student.dtype, device=accelerator.device)
     if config.student.gradient_checkpointing:
         # transformers >= 5.24 renamed gradient checkpointing to activation checkpointing.
         enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
@@ -187,8 +226,9 @@ def train(config: TrainConfig, *, resume: str | None = None, engine=None) -> Pat
     check_output_size(student, tokenizer, student_path)
     teacher_engine = None
     if not remote:
-        teacher_lm = load_model(config.teacher.model, dtype=config.teacher.dtype, device=accelerator.device,
-                                trainable=False)
+        with whole_models(accelerator):
+            teacher_lm = load_model(config.teacher.model, dtype=config.teacher.dtype, device=accelerator.device,
+                                    trainable=False)
         check_output_size(teacher_lm, tokenizer, config.teacher.model)
         probe = train_problems[: config.data.preflight_problems]
         if checkpoint is None and probe and all(p.answer is not None for p in probe):
@@ -198,6 +238,11 @@ def train(config: TrainConfig, *, resume: str | None = None, engine=None) -> Pat
         teacher_engine = HFRolloutEngine(teacher_lm, tokenizer, max_new_tokens=config.rollout.max_new_tokens,
                                          temperature=config.rollout.temperature)
     policy = TokenScorer(student, temperature=config.rollout.temperature)
+    if zero_stage == 3 and plain_lm_head(student):
+        import deepspeed
+
+        # The chunked log-prob path reads the LM head's weight inside the scorer's forward, not the head's own.
+        deepspeed.zero.register_external_parameter(policy, student.get_output_embeddings().weight)
     optim = config.optim
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2),
@@ -212,12 +257,8 @@ def train(config: TrainConfig, *, resume: str | None = None, engine=None) -> Pat
     state = TrainState()
     if checkpoint is not None:
         saved = load_state(checkpoint)
-        if saved.get("sharded_optimizer"):  # full state keyed by parameter names: loads into shards or not
-            load_full_optimizer_state(policy, optimizer, saved["optimizer"])
-        elif sharded:
-            raise ConfigError(f"{checkpoint} was written without FSDP; resume it with the same launch set-up")
-        else:
-            optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer_state(accelerator, policy, optimizer, saved, checkpoint,
+                             expected="per_rank" if zero_stage is not None else "full" if sharded else "torch")
         scheduler.load_state_dict(saved["scheduler"])
         state = TrainState(**saved["train_state"])
         set_rng_state(saved["rng"])
@@ -234,7 +275,7 @@ def train(config: TrainConfig, *, resume: str | None = None, engine=None) -> Pat
         teacher=teacher, engine=engine, teacher_engine=teacher_engine, task=task,
         sampler=PromptSampler(train_problems, config.rollout.prompts_per_step, config.run.seed),
         eval_problems=eval_problems, encode=encode, algorithm=build_algorithm(config, len(tokenizer)),
-        logger=logger, optimizer=optimizer, scheduler=scheduler, sharded=sharded,
+        logger=logger, optimizer=optimizer, scheduler=scheduler, sharded=sharded, deepspeed=zero_stage is not None,
     )  # fmt: skip
     trainer.state = state
     try:

@@ -12,7 +12,7 @@ from reopold.core import logprobs_and_entropy, logprobs_from_hidden
 from reopold.rollout import Rollout
 
 
-def _plain_lm_head(lm) -> bool:
+def plain_lm_head(lm) -> bool:
     """True when logits are exactly ``lm_head(final hidden)``; soft-capped or scaled logits need the slow path."""
     config = lm.config
     get = lambda key: getattr(config, key, None) or getattr(getattr(config, "text_config", None), key, None)
@@ -70,7 +70,7 @@ class TokenScorer(torch.nn.Module):
         }
         if return_logits:
             return self.lm(**inputs).logits[:, start:end]
-        if _plain_lm_head(self.lm):
+        if plain_lm_head(self.lm):
             hidden = self.lm.get_decoder()(**inputs).last_hidden_state[:, start:end]  # (B, T, D)
             head = self.lm.get_output_embeddings()
             return logprobs_from_hidden(

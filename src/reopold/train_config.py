@@ -101,7 +101,8 @@ class AlgoConfig:
         switches = [k for k in ALGORITHM_SWITCHES["reopold"] if getattr(self, k) is not None]
         if switches and self.name not in ALGORITHM_SWITCHES:
             raise ConfigError(f"algo.{switches[0]} is an ablation switch of reopold/rkl/rkl_sg; "
-                              f"it has no meaning for algo.name={self.name}. Remove it.")
+                              f"it has no meaning for algo.name={self.name}. Remove it (on the command line: "
+                              f"--algo.{switches[0]} null)")
 
     def switches(self) -> dict[str, bool]:
         """The four ablation switches in effect: the algorithm's, overridden by any set explicitly."""

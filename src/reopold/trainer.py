@@ -20,7 +20,13 @@ import torch
 
 from reopold.algorithms import ScoredRollout, Shaped
 from reopold.checkpoint import save_checkpoint
-from reopold.distributed import ShardedLM, full_model_state, full_optimizer_state
+from reopold.distributed import (
+    ShardedLM,
+    end_of_update,
+    full_model_state,
+    full_optimizer_state,
+    per_rank_optimizer_state,
+)
 from reopold.evaluation import evaluate
 from reopold.remote_teacher import TeacherUnavailable
 from reopold.rollout import Rollout
@@ -42,7 +48,7 @@ class TrainState:
 class Trainer:
     def __init__(self, config, run_dir: Path, *, accelerator, policy, student, tokenizer, teacher, engine,
                  teacher_engine, task, sampler, eval_problems, encode, algorithm, logger, optimizer, scheduler,
-                 sharded: bool = False):
+                 sharded: bool = False, deepspeed: bool = False):
         self.config = config
         self.run_dir = run_dir
         self.accelerator = accelerator
@@ -51,6 +57,7 @@ class Trainer:
         # FSDP: no rank holds the full student; generation, evaluation and saving gather it on every rank.
         self.sharded = sharded
         self.generator = ShardedLM(policy, student) if sharded else student
+        self.deepspeed = deepspeed  # the engine steps inside backward: see reopold.distributed
         self.tokenizer = tokenizer
         self.teacher = teacher
         self.task = task
@@ -111,19 +118,30 @@ class Trainer:
                 rows = (order[start : start + per_update, None] * n + torch.arange(n)).flatten().tolist()
                 num_tokens = accelerator.reduce(shaped.keep[rows].sum().float(), "sum")
                 total, clip = 0.0, []
-                for micro_rows in self._chunks(rows):
+                chunks = self._chunks(rows)
+                for i, micro_rows in enumerate(chunks):
                     micro = scored.select(micro_rows)
                     micro_shaped = shaped.select(micro_rows, micro.rollout.completion_mask.shape[1])
                     with accelerator.autocast():
                         loss, metrics = self.algorithm.loss(self.policy, self.teacher, micro, micro_shaped,
                                                             num_tokens)
-                    # DDP averages gradients over ranks; losses are normalised by the global count, so undo it.
-                    accelerator.backward(loss * accelerator.num_processes)
+                    if self.deepspeed:
+                        end_of_update(accelerator, i == len(chunks) - 1)
+                    # Losses are normalised by the global token count: undo DDP's (and DeepSpeed's) average over
+                    # ranks, and the division by accumulation steps that accelerate (or the engine) applies.
+                    accelerator.backward(loss * accelerator.num_processes * accelerator.gradient_accumulation_steps)
                     total += loss.item()
                     clip.append(metrics.get("clip_frac", torch.tensor(0.0)).item())
-                grad_norm = self._clip_gradients()
+                grad_norm = self._clip_gradients()  # DeepSpeed: the norm of the step its engine just took
                 if accelerator.num_processes > 1:  # each rank holds its share of the globally normalised loss
                     total = float(accelerator.reduce(torch.tensor(total, device=accelerator.device), "sum"))
+                if self.deepspeed and not (math.isfinite(total) and math.isfinite(grad_norm)):
+                    raise TrainingStopped(
+                        f"a NaN/inf loss or gradient at step {step + 1}: DeepSpeed applies the update inside "
+                        "backward, so it cannot be skipped, and the weights are no longer trusted (nothing was "
+                        f"saved). Lower optim.lr or check the teacher's scores, then resume from the last "
+                        f"checkpoint: reopold train --resume {self.run_dir}"
+                    )
                 if not (math.isfinite(total) and math.isfinite(grad_norm)):
                     self.optimizer.zero_grad(set_to_none=True)  # skip this update, keep the weights
                     skipped = True
@@ -223,15 +241,19 @@ class Trainer:
 
     def save(self) -> Path | None:
         self.accelerator.wait_for_everyone()
-        weights = None
-        if self.sharded:  # collective: every rank sends its shards, the main one receives the full tensors
-            weights = full_model_state(self.accelerator, self.policy)
-            optimizer_state = full_optimizer_state(self.policy, self.optimizer)
+        # Collectives first, on every rank: shards are sent to the main rank, which writes.
+        weights = full_model_state(self.accelerator, self.policy) if self.sharded else None
+        if self.deepspeed:
+            optimizer_format, optimizer_state = "per_rank", per_rank_optimizer_state(self.accelerator, self.optimizer)
+        elif self.sharded:
+            optimizer_format, optimizer_state = "full", full_optimizer_state(self.policy, self.optimizer)
+        else:
+            optimizer_format, optimizer_state = "torch", self.optimizer.state_dict()
         if not self.accelerator.is_main_process:
             return None
         state = {
-            "optimizer": optimizer_state if self.sharded else self.optimizer.state_dict(),
-            "sharded_optimizer": self.sharded,
+            "optimizer": optimizer_state,
+            "optimizer_format": optimizer_format,
             "scheduler": self.scheduler.state_dict(),
             "train_state": vars(self.state).copy(),
         }
