@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU check of the multi-process launch configs, one CUDA GPU, a few minutes: the bundled demo pair trained through
 # `accelerate launch` with configs/accelerate/{fsdp,zero2,zero3}.yaml (one process each: a single GPU cannot hold
-# two NCCL ranks), the sharded ones stopped at STEPS*2/3 and resumed from their checkpoint to STEPS; beside them a
-# plain bf16-autocast run (the configs' precision) and a GRPO run. The runs share the GPU and run at the same time
+# two NCCL ranks) in the configs' precision (bf16), each stopped at STEPS*2/3 and resumed from its checkpoint to
+# STEPS; beside them a plain one-GPU bf16-autocast run and a GRPO run. The runs share the GPU and run at the same time
 # (tiny models: the GPU is mostly idle), so their step times are not benchmarks.
 #
 #   OUT=gpu_sharded bash scripts/gpu_sharded.sh      # repository root; needs deepspeed for the zero runs
@@ -34,7 +34,7 @@ launch() {  # launch NAME CONFIG PORT: accelerate launch, stop at FIRST steps, t
     local name=$1 config=$2 port=$3
     local accel=(python3 -m accelerate.commands.launch --config_file "configs/accelerate/$config.yaml"
                  --num_processes 1 --main_process_port "$port" -m reopold train)
-    run "$name" "${accel[@]}" "${common[@]}" --run.name "$name" --run.steps "$FIRST" &&
+    run "$name" "${accel[@]}" "${common[@]}" --run.name "$name" --run.steps "$FIRST" --run.mixed_precision bf16 &&
         run "$name-resume" "${accel[@]}" --resume "$WORK/runs/$name" --run.steps "$STEPS"
 }
 

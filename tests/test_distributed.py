@@ -166,3 +166,18 @@ def test_resume_under_another_launch_setup_is_refused_clearly(tmp_path, written,
     with pytest.raises(ConfigError, match="resume it under"):
         load_optimizer_state(None, None, None, {"optimizer": {}, "optimizer_format": written}, tmp_path,
                              expected=expected)
+
+
+def test_launch_precision_that_the_run_would_ignore_is_refused(monkeypatch, tmp_path):
+    from reopold.config import ConfigError, from_dict
+    from reopold.run import check_launch_precision
+    from reopold.train_config import TrainConfig
+
+    config = from_dict(TrainConfig, tiny_config(tmp_path, tmp_path / "t", tmp_path / "s"))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch` sets from its config
+    with pytest.raises(ConfigError, match="--run.mixed_precision bf16"):
+        check_launch_precision(config)
+    config.run.mixed_precision = "bf16"
+    check_launch_precision(config)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    check_launch_precision(config)  # bf16 asked by reopold alone is fine

@@ -142,6 +142,18 @@ def teacher_api_key(config: TrainConfig) -> str | None:
     return os.environ[name]
 
 
+def check_launch_precision(config: TrainConfig) -> None:
+    """run.mixed_precision is the precision used; an accelerate launch config asking for another one fails here
+    instead of being silently overridden."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched != "no" and launched != config.run.mixed_precision:
+        raise ConfigError(
+            f"the accelerate launch config asks for mixed_precision {launched}, but run.mixed_precision is "
+            f"{config.run.mixed_precision!r}; reopold's setting is the one used: pass --run.mixed_precision "
+            f"{launched} (or set mixed_precision: 'no' in the accelerate config)"
+        )
+
+
 def check_trackers(config: TrainConfig) -> None:
     """Fail before loading anything when a requested logger is not installed."""
     import importlib.util
@@ -168,6 +180,7 @@ def train(config: TrainConfig, *, resume: str | None = None, engine=None) -> Pat
     from reopold.tracking import MetricsLogger
 
     check_trackers(config)
+    check_launch_precision(config)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.run.mixed_precision)
     sharded = sharding(accelerator) is not None  # raises for set-ups the trainer does not run
     if sharded and config.rollout.engine != "hf" and engine is None:
@@ -284,7 +297,7 @@ def train(config: TrainConfig, *, resume: str | None = None, engine=None) -> Pat
         logger.close()
         if config.run.report and accelerator.is_main_process:
             write_report(run_dir, title=f"{config.run_name}: {config.algo.name}")
-    if accelerator.num_processes > 1:  # left to interpreter exit, gloo's threads sometimes abort the process
+    if torch.distributed.is_initialized():  # left to interpreter exit, gloo's threads sometimes abort the process
         accelerator.wait_for_everyone()
         accelerator.end_training()
     return run_dir
