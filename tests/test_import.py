@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-HEAVY = ("transformers", "vllm", "trl", "verl", "wandb", "accelerate")
+HEAVY = ("transformers", "vllm", "trl", "verl", "wandb", "accelerate", "deepspeed")
 
 
 def test_import_does_not_pull_heavy_dependencies():

@@ -187,8 +187,8 @@ def train(config: TrainConfig, *, resume: str | None = None, engine=None) -> Pat
         raise ConfigError("rollout.engine=vllm cannot sync a sharded (FSDP, ZeRO-3) student's weights; use "
                           "rollout.engine=hf, or data parallelism (configs/accelerate/ddp.yaml, zero2.yaml)")
     zero_stage = deepspeed_stage(accelerator)
-    if accelerator.is_main_process:  # what accelerate made of the launch, before anything slow
-        kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    if kind != "NO" and accelerator.is_main_process:  # what accelerate made of a launch, before anything slow
         layout = f"ZeRO-{zero_stage}" if zero_stage else "FSDP2" if sharded else kind
         print(f"reopold: {accelerator.num_processes} process(es), {layout}, {accelerator.device}, mixed precision "
               f"{accelerator.mixed_precision}{', student sharded' if sharded else ''}", file=sys.stderr)
