@@ -75,9 +75,38 @@ def deepspeed_on_cpu(stage: int) -> None:
     accelerate.Accelerator = gloo_accelerator
 
 
+def nan_loss_at(step: int) -> None:
+    """Rank 0's loss is NaN in every update of rollout step ``step`` (0-based), the scores staying finite."""
+    import torch
+
+    import reopold.run
+
+    build = reopold.run.build_algorithm
+
+    def build_with_nan(config, vocab_size):
+        algorithm = build(config, vocab_size)
+        shape, loss, current = algorithm.shape, algorithm.loss, {}
+
+        def record_step(scored, *, step, gather):
+            current["step"] = step
+            return shape(scored, step=step, gather=gather)
+
+        def nan_loss(*args):
+            value, metrics = loss(*args)
+            rank0 = torch.distributed.is_initialized() and torch.distributed.get_rank() == 0
+            return (value * float("nan") if rank0 and current["step"] == step else value), metrics
+
+        algorithm.shape, algorithm.loss = record_step, nan_loss
+        return algorithm
+
+    reopold.run.build_algorithm = build_with_nan
+
+
 def main() -> None:
-    """ddp_worker.py CONFIG.json [--fsdp | --zero STAGE] [--resume RUN_DIR --steps N]"""
+    """ddp_worker.py CONFIG.json [--fsdp | --zero STAGE] [--resume RUN_DIR --steps N] [--nan-loss-at STEP]"""
     args = sys.argv[1:]
+    if "--nan-loss-at" in args:
+        nan_loss_at(int(args[args.index("--nan-loss-at") + 1]))
     if "--fsdp" in args:
         force_fsdp_on_cpu()
     if "--zero" in args:

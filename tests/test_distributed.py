@@ -135,6 +135,31 @@ def test_sharded_checkpoint_resumes(tmp_path, mode):
             torch.testing.assert_close(weights[key], value, atol=1e-5, rtol=1e-4, msg=f"{name}: {key}")
 
 
+@pytest.mark.parametrize("mode", ["fsdp", pytest.param("zero2", marks=needs_deepspeed)])
+def test_a_nan_update_on_one_rank_is_skipped_or_stops_the_run(tmp_path, mode):
+    """Rank 0's loss is NaN in step 3 of 4 (scores finite). FSDP skips that update on every rank and goes on;
+    DeepSpeed has applied it inside backward by the time it is seen, so the run stops without saving, its last
+    checkpoint (step 2) intact for a resume."""
+    teacher = make_model(tmp_path / "teacher", hidden=32, layers=1, seed=1, sharpness=4.0)
+    student = make_model(tmp_path / "student", hidden=16, layers=2, seed=2)
+    config = tiny_config(tmp_path, teacher, student, algo={"name": "reopold", "switch_step": 1},
+                         optim={"mini_batch_prompts": 8, "micro_batch_size": 8},
+                         run={"steps": 4, "eval_every": 0, "save_every": 1, "name": mode})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    run_dir = tmp_path / "runs" / mode
+    command = [*TWO_RANKS, str(path), *MODES[mode], "--nan-loss-at", "2"]
+    if mode == "zero2":
+        message = launch(command, tmp_path, expect_failure=True)
+        assert "DeepSpeed applies the update inside backward" in message
+        assert latest_checkpoint(run_dir).name == "step-000002"
+        return
+    launch(command, tmp_path)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows if r["kind"] == "train"] == [False, False, True, False]
+    assert latest_checkpoint(run_dir).name == "step-000004"
+
+
 def fake_accelerator(kind: str, *, fsdp_version: int = 2, zero_stage: int = 2, processes: int = 2):
     from types import SimpleNamespace
 

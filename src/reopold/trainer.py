@@ -52,9 +52,9 @@ class Trainer:
         self.config = config
         self.run_dir = run_dir
         self.accelerator = accelerator
-        self.policy = policy  # TokenScorer around the student, prepared (maybe DDP-wrapped) by accelerate
+        self.policy = policy  # TokenScorer around the student, prepared (DDP, FSDP, DeepSpeed) by accelerate
         self.student = student  # the plain HF model inside it: generate, save_pretrained
-        # FSDP: no rank holds the full student; generation, evaluation and saving gather it on every rank.
+        # FSDP2, ZeRO-3: no rank holds the full student; generation, evaluation and saving gather it on every rank.
         self.sharded = sharded
         self.generator = ShardedLM(policy, student) if sharded else student
         self.deepspeed = deepspeed  # the engine steps inside backward: see reopold.distributed
