@@ -43,14 +43,15 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 
 
 @pytest.mark.parametrize(("algo", "mode"), [("reopold", "ddp"), ("grpo", "ddp"), ("reopold", "fsdp"), ("gkd", "fsdp"),
-                                            ("reopold", "fsdp-lora"),
+                                            ("reopold", "fsdp-lora"), ("reopold", "fsdp-ckpt"),
                                             pytest.param("reopold", "zero2", marks=needs_deepspeed),
                                             pytest.param("reopold", "zero3", marks=needs_deepspeed)])
 def test_two_ranks_match_one_process(tmp_path, algo, mode):
     teacher = make_model(tmp_path / "teacher", hidden=32, layers=1, seed=1, sharpness=4.0)
     student = make_model(tmp_path / "student", hidden=16, layers=2, seed=2)
     weights, logged, diagnostics = {}, {}, {}
-    mode, lora = mode.removesuffix("-lora"), mode.endswith("-lora")  # a LoRA student: only adapters train
+    lora, checkpointing = mode.endswith("-lora"), mode.endswith("-ckpt")  # LoRA adapters; activation checkpointing
+    mode = mode.removesuffix("-lora").removesuffix("-ckpt")
     flags = MODES[mode]  # FSDP2 and ZeRO-3: each rank holds half of every weight
     for name, command in {"single": SINGLE, "ranks": TWO_RANKS}.items():
         # 2 steps, T_switch = 1: both phases, so the global entropy threshold and kept-token count are exercised.
@@ -60,7 +61,8 @@ def test_two_ranks_match_one_process(tmp_path, algo, mode):
                              rollout={"prompts_per_step": 8, "samples_per_prompt": 4},
                              optim={"mini_batch_prompts": 8, "micro_batch_size": 8, "lr": 1e-2},
                              run={"steps": 2, "eval_every": 0, "save_every": 2, "name": name},
-                             lora={"r": 4, "alpha": 8} if lora else {})
+                             lora={"r": 4, "alpha": 8} if lora else {},
+                             student={"gradient_checkpointing": checkpointing})
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(config))
         launch([*command, str(path), *(flags if name == "ranks" else [])], tmp_path)
