@@ -69,7 +69,7 @@ def deepspeed_on_cpu(stage: int) -> None:
                        "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false"})
     original = accelerate.Accelerator
 
-    def gloo_accelerator(*, cpu=False, **kwargs):
+    def gloo_accelerator(*, cpu=False, **kwargs):  # cpu=True (the trainer's choice without a GPU) is dropped
         return original(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")], **kwargs)
 
     accelerate.Accelerator = gloo_accelerator

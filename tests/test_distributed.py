@@ -197,7 +197,7 @@ def test_deepspeed_gets_the_trainers_batch_sizes_and_clipping():
 @pytest.mark.parametrize(("written", "expected"), [("torch", "full"), ("per_rank", "torch"), ("full", "per_rank")])
 def test_resume_under_another_launch_setup_is_refused_clearly(tmp_path, written, expected):
     from reopold.config import ConfigError
-    from reopold.run import load_optimizer_state
+    from reopold.distributed import load_optimizer_state
 
     with pytest.raises(ConfigError, match="resume it under"):
         load_optimizer_state(None, None, None, {"optimizer": {}, "optimizer_format": written}, tmp_path,

@@ -31,7 +31,7 @@ from reopold.config import ConfigError
 
 def deepspeed_stage(accelerator) -> int | None:
     """The ZeRO stage when accelerate runs DeepSpeed, else None."""
-    if _kind(accelerator) != "DEEPSPEED":
+    if launch_kind(accelerator) != "DEEPSPEED":
         return None
     return int(accelerator.state.deepspeed_plugin.zero_stage)
 
@@ -42,7 +42,7 @@ def sharding(accelerator) -> str | None:
 
     Raises for the sharded set-ups this trainer does not run, before any model is loaded.
     """
-    if _kind(accelerator) == "FSDP":
+    if launch_kind(accelerator) == "FSDP":
         version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
         if version != 2:
             raise ConfigError(
@@ -90,8 +90,55 @@ def end_of_update(accelerator, last: bool) -> None:
     accelerator.gradient_state._set_sync_gradients(last)  # what accelerator.accumulate() sets, without its counter
 
 
-def _kind(accelerator) -> str:
+def launch_kind(accelerator) -> str:
+    """accelerate's distributed type as a plain string: NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED, ..."""
     return str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+
+
+def describe_launch(accelerator) -> str | None:
+    """One line saying what accelerate made of a launch (None for a plain one-process run)."""
+    kind, stage, sharded = launch_kind(accelerator), deepspeed_stage(accelerator), sharding(accelerator) is not None
+    if kind == "NO":
+        return None
+    layout = f"ZeRO-{stage}" if stage else "FSDP2" if sharded else kind
+    return (f"reopold: {accelerator.num_processes} process(es), {layout}, {accelerator.device}, mixed precision "
+            f"{accelerator.mixed_precision}{', student sharded' if sharded else ''}")
+
+
+def optimizer_format(accelerator) -> str:
+    """How checkpoints of this launch hold the optimizer: ``per_rank`` (DeepSpeed: every rank's partition), ``full``
+    (FSDP2: unsharded, keyed by parameter names) or ``torch`` (one process, DDP: the optimizer's own state dict)."""
+    if deepspeed_stage(accelerator) is not None:
+        return "per_rank"
+    return "full" if sharding(accelerator) is not None else "torch"
+
+
+def optimizer_state(accelerator, policy, optimizer) -> dict | list | None:
+    """The optimizer state a checkpoint of this launch holds (see :func:`optimizer_format`); collective under
+    FSDP2 and DeepSpeed (every rank calls it; the main rank gets the state)."""
+    written = optimizer_format(accelerator)
+    if written == "per_rank":
+        return per_rank_optimizer_state(accelerator, optimizer)
+    if written == "full":
+        return full_optimizer_state(policy, optimizer)
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(accelerator, policy, optimizer, saved: dict, checkpoint, *, expected: str) -> None:
+    """Restore the optimizer from a checkpoint's trainer state in whichever form its run saved it, into a launch
+    whose own form is ``expected``: a ``full`` state loads into shards or into a whole model; the others need the
+    same kind of launch, else a ConfigError says which one."""
+    written = saved.get("optimizer_format", "torch")
+    if written == "full" and expected != "per_rank":
+        load_full_optimizer_state(policy, optimizer, saved["optimizer"])
+    elif written == expected == "per_rank":
+        load_per_rank_optimizer_state(accelerator, optimizer, saved["optimizer"])
+    elif written == expected == "torch":
+        optimizer.load_state_dict(saved["optimizer"])
+    else:
+        names = {"torch": "one process or DDP", "full": "FSDP", "per_rank": "DeepSpeed"}
+        raise ConfigError(f"{checkpoint} was written by a {names[written]} run; resume it under {names[written]}, "
+                          f"not {names[expected]}")
 
 
 class ShardedLM:

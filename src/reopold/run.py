@@ -22,8 +22,9 @@ from reopold.distributed import (
     ShardedLM,
     configure_deepspeed,
     deepspeed_stage,
-    load_full_optimizer_state,
-    load_per_rank_optimizer_state,
+    describe_launch,
+    load_optimizer_state,
+    optimizer_format,
     sharding,
     whole_models,
 )
@@ -85,23 +86,6 @@ def preflight_teacher(teacher_lm, tokenizer, task, problems, encode, max_new_tok
             "format, and rollout.max_new_tokens"
         )
     return accuracy
-
-
-def load_optimizer_state(accelerator, policy, optimizer, saved: dict, checkpoint: Path, *, expected: str) -> None:
-    """Restore the optimizer from a checkpoint's trainer state, in whichever form its run saved it: ``torch`` (one
-    process or DDP: the optimizer's own state dict), ``full`` (FSDP: unsharded, keyed by parameter names; loads
-    into shards or into a whole model) or ``per_rank`` (DeepSpeed: every rank's partition)."""
-    written = saved.get("optimizer_format", "torch")
-    if written == "full" and expected != "per_rank":
-        load_full_optimizer_state(policy, optimizer, saved["optimizer"])
-    elif written == expected == "per_rank":
-        load_per_rank_optimizer_state(accelerator, optimizer, saved["optimizer"])
-    elif written == expected == "torch":
-        optimizer.load_state_dict(saved["optimizer"])
-    else:
-        names = {"torch": "one process or DDP", "full": "FSDP", "per_rank": "DeepSpeed"}
-        raise ConfigError(f"{checkpoint} was written by a {names[written]} run; resume it under {names[written]}, "
-                          f"not {names[expected]}")
 
 
 class NullLogger:
@@ -187,11 +171,9 @@ def train(config: TrainConfig, *, resume: str | None = None, engine=None) -> Pat
         raise ConfigError("rollout.engine=vllm cannot sync a sharded (FSDP, ZeRO-3) student's weights; use "
                           "rollout.engine=hf, or data parallelism (configs/accelerate/ddp.yaml, zero2.yaml)")
     zero_stage = deepspeed_stage(accelerator)
-    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
-    if kind != "NO" and accelerator.is_main_process:  # what accelerate made of a launch, before anything slow
-        layout = f"ZeRO-{zero_stage}" if zero_stage else "FSDP2" if sharded else kind
-        print(f"reopold: {accelerator.num_processes} process(es), {layout}, {accelerator.device}, mixed precision "
-              f"{accelerator.mixed_precision}{', student sharded' if sharded else ''}", file=sys.stderr)
+    launch = describe_launch(accelerator)
+    if launch and accelerator.is_main_process:  # what accelerate made of a launch, before anything slow
+        print(launch, file=sys.stderr)
     if zero_stage is not None:
         rows = config.optim.mini_batch_prompts // accelerator.num_processes * config.rollout.samples_per_prompt
         configure_deepspeed(accelerator, micro_batch_size=config.optim.micro_batch_size,
@@ -270,8 +252,7 @@ def train(config: TrainConfig, *, resume: str | None = None, engine=None) -> Pat
     state = TrainState()
     if checkpoint is not None:
         saved = load_state(checkpoint)
-        load_optimizer_state(accelerator, policy, optimizer, saved, checkpoint,
-                             expected="per_rank" if zero_stage is not None else "full" if sharded else "torch")
+        load_optimizer_state(accelerator, policy, optimizer, saved, checkpoint, expected=optimizer_format(accelerator))
         scheduler.load_state_dict(saved["scheduler"])
         state = TrainState(**saved["train_state"])
         set_rng_state(saved["rng"])
@@ -280,15 +261,15 @@ def train(config: TrainConfig, *, resume: str | None = None, engine=None) -> Pat
         wandb = {"project": config.run.wandb_project, "name": config.run_name} if config.run.wandb_project else None
         logger = MetricsLogger(run_dir, tensorboard=config.run.tensorboard, wandb=wandb, resume=checkpoint is not None,
                                truncate_after_step=state.step if checkpoint is not None else None)
+    generator = ShardedLM(policy, student) if sharded else student  # what generates: rollouts, evaluation
     if engine is None:
-        generator = ShardedLM(policy, student) if sharded else student
         engine = build_engine(config, generator, student_path, tokenizer, accelerator.device)
     trainer = Trainer(
         config, run_dir, accelerator=accelerator, policy=policy, student=student, tokenizer=tokenizer,
         teacher=teacher, engine=engine, teacher_engine=teacher_engine, task=task,
         sampler=PromptSampler(train_problems, config.rollout.prompts_per_step, config.run.seed),
         eval_problems=eval_problems, encode=encode, algorithm=build_algorithm(config, len(tokenizer)),
-        logger=logger, optimizer=optimizer, scheduler=scheduler, sharded=sharded, deepspeed=zero_stage is not None,
+        logger=logger, optimizer=optimizer, scheduler=scheduler, generator=generator,
     )  # fmt: skip
     trainer.state = state
     try:

@@ -21,8 +21,14 @@ def plain_lm_head(lm) -> bool:
 
 def _owned(t):
     """``t``, copied when it is a view: FSDP2's backward hooks on a root module's output are lost if a view is
-    modified in place later (torch warns), so the scorer never returns one."""
+    modified in place later (torch warns at every forward), so a sharded scorer never returns one."""
     return t.clone() if isinstance(t, torch.Tensor) and t._base is not None else t
+
+
+def _is_fsdp2(module) -> bool:
+    from torch.distributed.fsdp import FSDPModule  # fully_shard turns the module's class into a subclass of it
+
+    return isinstance(module, FSDPModule)
 
 
 class TokenScorer(torch.nn.Module):
@@ -57,6 +63,8 @@ class TokenScorer(torch.nn.Module):
         if generate is not None:
             return self.lm.generate(**generate)
         out = self._score(rollout, with_entropy, return_logits)
+        if not _is_fsdp2(self):  # the copies (GKD: response logits) are only for FSDP2's hooks
+            return out
         return tuple(_owned(t) for t in out) if isinstance(out, tuple) else _owned(out)
 
     def _score(self, rollout: Rollout, with_entropy: bool, return_logits: bool):

@@ -21,11 +21,12 @@ import torch
 from reopold.algorithms import ScoredRollout, Shaped
 from reopold.checkpoint import save_checkpoint
 from reopold.distributed import (
-    ShardedLM,
+    deepspeed_stage,
     end_of_update,
     full_model_state,
-    full_optimizer_state,
-    per_rank_optimizer_state,
+    optimizer_format,
+    optimizer_state,
+    sharding,
 )
 from reopold.evaluation import evaluate
 from reopold.remote_teacher import TeacherUnavailable
@@ -48,16 +49,16 @@ class TrainState:
 class Trainer:
     def __init__(self, config, run_dir: Path, *, accelerator, policy, student, tokenizer, teacher, engine,
                  teacher_engine, task, sampler, eval_problems, encode, algorithm, logger, optimizer, scheduler,
-                 sharded: bool = False, deepspeed: bool = False):
+                 generator=None):
         self.config = config
         self.run_dir = run_dir
         self.accelerator = accelerator
         self.policy = policy  # TokenScorer around the student, prepared (DDP, FSDP, DeepSpeed) by accelerate
         self.student = student  # the plain HF model inside it: generate, save_pretrained
         # FSDP2, ZeRO-3: no rank holds the full student; generation, evaluation and saving gather it on every rank.
-        self.sharded = sharded
-        self.generator = ShardedLM(policy, student) if sharded else student
-        self.deepspeed = deepspeed  # the engine steps inside backward: see reopold.distributed
+        self.sharded = sharding(accelerator) is not None
+        self.generator = generator if generator is not None else student  # a ShardedLM when sharded
+        self.deepspeed = deepspeed_stage(accelerator) is not None  # the engine steps inside backward
         self.tokenizer = tokenizer
         self.teacher = teacher
         self.task = task
@@ -243,17 +244,12 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         # Collectives first, on every rank: shards are sent to the main rank, which writes.
         weights = full_model_state(self.accelerator, self.policy) if self.sharded else None
-        if self.deepspeed:
-            optimizer_format, optimizer_state = "per_rank", per_rank_optimizer_state(self.accelerator, self.optimizer)
-        elif self.sharded:
-            optimizer_format, optimizer_state = "full", full_optimizer_state(self.policy, self.optimizer)
-        else:
-            optimizer_format, optimizer_state = "torch", self.optimizer.state_dict()
+        optimizer = optimizer_state(self.accelerator, self.policy, self.optimizer)
         if not self.accelerator.is_main_process:
             return None
         state = {
-            "optimizer": optimizer_state,
-            "optimizer_format": optimizer_format,
+            "optimizer": optimizer,
+            "optimizer_format": optimizer_format(self.accelerator),
             "scheduler": self.scheduler.state_dict(),
             "train_state": vars(self.state).copy(),
         }
