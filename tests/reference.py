@@ -1,4 +1,4 @@
-"""Naive float64 reference for reopold.core, written straight from the equations of SPEC.md.
+"""Naive float64 reference for reopold.core, written straight from the paper's equations (docs/algorithm.md).
 
 Shares no code with reopold (it never imports it). Every loss is an explicit loop over (sequence i, position t)
 that skips masked positions, built from per-element torch ops on 0-dim float64 tensors, so torch.autograd
@@ -16,7 +16,7 @@ import torch
 F64 = torch.float64
 
 
-# ---------------------------------------------------------------- rewards (SPEC 2-3)
+# ---------------------------------------------------------------- rewards (paper 2-3)
 def floor(lam: float) -> float:
     """Eq. 5/7: the infimum of the mixture bound, log(lam) / (1 - lam)."""
     return math.log(lam) / (1.0 - lam)
@@ -32,7 +32,7 @@ def valid_positions(mask):
     return [(i, t) for i in range(mask.shape[0]) for t in range(mask.shape[1]) if bool(mask[i, t])]
 
 
-# ---------------------------------------------------------------- selection (SPEC 4)
+# ---------------------------------------------------------------- selection (paper 4)
 def threshold(entropy, mask, beta) -> float:
     """Eq. 8: tau = the k-th largest valid entropy, k = ceil(beta * N); +inf when N == 0."""
     values = sorted((float(entropy[i, t]) for i, t in valid_positions(mask)), reverse=True)
@@ -54,7 +54,7 @@ def keep_mask(rewards, entropy, mask, phase, floor=None, threshold=None):
     return keep
 
 
-# ---------------------------------------------------------------- PPO objective (SPEC 5)
+# ---------------------------------------------------------------- PPO objective (paper 5)
 def ppo_token(student_lp, old_lp, advantage, eps_low, eps_high):
     """One token: returns (-min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A), rho, clipped-term-binds)."""
     rho = torch.exp(student_lp - old_lp)
@@ -107,9 +107,11 @@ def _stack(rows):
 
 def reopold_loss(student, old, teacher, entropy, mask, phase, lam=0.3, beta=0.2, clip_eps=0.2,
                  threshold_value=None, num_tokens=None, stop_gradient=True, reward_floor=True,
-                 entropy_selection=True):
-    """Eq. 4-10 with the ablation switches of SPEC 7."""
-    rewards = token_rewards(student, teacher, stop_gradient)
+                 entropy_selection=True, reward_policy="old", clip_eps_high=None):
+    """Eq. 4-10 with the paper's ablation switches. R is graded against pi_old ("old") or the current policy
+    ("current"); without stop-gradient it is always the current policy (its gradient is the point)."""
+    graded = student if reward_policy == "current" or not stop_gradient else old
+    rewards = token_rewards(graded, teacher, stop_gradient)
     lo = floor(lam)
     tau = math.nan
     if phase == "exploration":
@@ -131,7 +133,8 @@ def reopold_loss(student, old, teacher, entropy, mask, phase, lam=0.3, beta=0.2,
             else:
                 row.append(r)
         rows.append(row)
-    loss, pm = policy_loss(student, old, _stack(rows), keep, clip_eps=clip_eps, num_tokens=num_tokens)
+    loss, pm = policy_loss(student, old, _stack(rows), keep, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+                           num_tokens=num_tokens)
     valid = valid_positions(mask)
     n = max(len(valid), 1)
     reward_values = [rewards[i, t].item() for i, t in valid]
@@ -148,13 +151,15 @@ def reopold_loss(student, old, teacher, entropy, mask, phase, lam=0.3, beta=0.2,
     return loss, metrics
 
 
-def rkl_loss(student, old, teacher, mask, clip_eps=0.2, num_tokens=None, stop_gradient=False):
-    """SPEC 7: sampled-token reverse KL as a policy gradient, advantage R on every valid token."""
-    rewards = token_rewards(student, teacher, stop_gradient)
+def rkl_loss(student, old, teacher, mask, clip_eps=0.2, num_tokens=None, stop_gradient=False, reward_policy="old"):
+    """Sampled-token reverse KL as a policy gradient, advantage R on every valid token (graded against pi_old
+    only with stop-gradient and reward_policy "old")."""
+    graded = student if reward_policy == "current" or not stop_gradient else old
+    rewards = token_rewards(graded, teacher, stop_gradient)
     return policy_loss(student, old, rewards, mask, clip_eps=clip_eps, num_tokens=num_tokens)
 
 
-# ---------------------------------------------------------------- GRPO, SFT (SPEC 7)
+# ---------------------------------------------------------------- GRPO, SFT (the paper's baselines)
 def grpo_advantages(sequence_rewards, group_size, eps=1e-6):
     out = []
     for g in range(0, len(sequence_rewards), group_size):
@@ -165,10 +170,11 @@ def grpo_advantages(sequence_rewards, group_size, eps=1e-6):
     return torch.tensor(out, dtype=F64)
 
 
-def grpo_loss(student, old, sequence_rewards, mask, group_size, clip_eps=0.2, num_tokens=None):
+def grpo_loss(student, old, sequence_rewards, mask, group_size, clip_eps=0.2, num_tokens=None, clip_eps_high=None):
     adv = grpo_advantages(sequence_rewards, group_size)
     advantages = adv[:, None].expand(mask.shape)
-    loss, pm = policy_loss(student, old, advantages, mask, clip_eps=clip_eps, num_tokens=num_tokens)
+    loss, pm = policy_loss(student, old, advantages, mask, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+                           num_tokens=num_tokens)
     metrics = {"reward_mean": float(sum(float(r) for r in sequence_rewards) / len(sequence_rewards)),
                "clip_frac": pm["clip_frac"]}
     return loss, metrics
@@ -191,7 +197,7 @@ def log_softmax_row(z):
 
 def generalized_jsd_loss(student_logits, teacher_logits, mask, beta=0.5, temperature=1.0, top_k=None,
                          num_tokens=None):
-    """SPEC 7 gkd: per token JSD_beta(P_T, P_S) with M = beta*P_T + (1-beta)*P_S; token mean."""
+    """the paper's baselines gkd: per token JSD_beta(P_T, P_S) with M = beta*P_T + (1-beta)*P_S; token mean."""
     valid = valid_positions(mask)
     total = zero_like_graph(student_logits)
     for i, t in valid:

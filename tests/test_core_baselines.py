@@ -1,11 +1,11 @@
-"""Baselines of SPEC 7: rkl, rkl_sg (and Remark 3.1), grpo, sft, generalized JSD (gkd)."""
+"""The paper's baselines: rkl, rkl_sg (and Remark 3.1), grpo, sft, generalized JSD (gkd)."""
 
 import math
 
 import pytest
 import torch
 
-from reopold.core.losses import (
+from reopold.core import (
     generalized_jsd_loss,
     grpo_advantages,
     grpo_loss,

@@ -1,11 +1,11 @@
-"""Clipped policy objective (SPEC 5) and the REOPOLD loss in both phases with every ablation switch."""
+"""Clipped policy objective (Eq. 6) and the REOPOLD loss in both phases with every ablation switch."""
 
 import math
 
 import pytest
 import torch
 
-from reopold.core.losses import policy_loss, reopold_loss
+from reopold.core import policy_loss, reopold_loss
 from reopold.core.rewards import reward_floor
 from tests import reference as ref
 
@@ -229,12 +229,13 @@ SWITCHES = [("exploration", sg, True, True) for sg in (True, False)] + [
     ("refinement", sg, fl, es) for sg in (True, False) for fl in (True, False) for es in (True, False)]
 
 
+@pytest.mark.parametrize("reward_policy", ["old", "current"])
 @pytest.mark.parametrize("phase, stop_gradient, floor_on, entropy_selection", SWITCHES)
-def test_reopold_loss_matches_reference(phase, stop_gradient, floor_on, entropy_selection):
+def test_reopold_loss_matches_reference(phase, stop_gradient, floor_on, entropy_selection, reward_policy):
     for seed in range(3):
         student, old, teacher, entropy, mask = ref.random_batch(3, 7, seed=10 + seed)  # (3, 7)
         s1, s2 = leaf(student), leaf(student)
-        kwargs = dict(phase=phase, lam=0.3, beta=0.25, stop_gradient=stop_gradient)
+        kwargs = dict(phase=phase, lam=0.3, beta=0.25, stop_gradient=stop_gradient, reward_policy=reward_policy)
         loss, m = reopold_loss(s1, old, teacher, entropy, mask, reward_floor=floor_on,
                                entropy_selection=entropy_selection, **kwargs)
         ref_loss, rm = ref.reopold_loss(s2, old, teacher, entropy, mask, reward_floor=floor_on,
@@ -252,6 +253,29 @@ def test_reopold_loss_with_threshold_and_num_tokens_matches_reference():
     ref_loss, _ = ref.reopold_loss(s2, old, teacher, entropy, mask, "refinement", threshold_value=1.1,
                                    num_tokens=50)
     assert_matches(loss, s1, ref_loss, s2)
+
+
+def test_reward_policies_differ_once_the_policy_has_moved_and_agree_before():
+    # R graded against pi_old vs the current policy: equal when student == old (update 1), not after.
+    student, old, teacher, entropy, mask = ref.random_batch(3, 7, seed=4)
+    args = dict(phase="exploration", lam=0.3)
+    same = [reopold_loss(leaf(old.clone()), old, teacher, entropy, mask, reward_policy=p, **args)[0]
+            for p in ("old", "current")]
+    assert same[0].item() == pytest.approx(same[1].item(), abs=1e-12)
+    moved = [reopold_loss(leaf(student), old, teacher, entropy, mask, reward_policy=p, **args)[0]
+             for p in ("old", "current")]
+    assert abs(moved[0].item() - moved[1].item()) > 1e-3
+
+
+def test_policy_loss_huge_ratio_with_negative_advantage_stays_finite():
+    # log rho = 800 overflows exp to inf in float64; -min(rho * A, clip * A) with A < 0 would be +inf.
+    student = leaf(torch.tensor([[800.0, 0.0]], dtype=F64))
+    old = torch.zeros(1, 2, dtype=F64)
+    adv = torch.tensor([[-1.0, 1.0]], dtype=F64)
+    loss, _ = policy_loss(student, old, adv, torch.ones(1, 2, dtype=torch.bool))
+    assert math.isfinite(loss.item())
+    assert loss.item() == pytest.approx((math.exp(20.0) - 1.0) / 2, rel=1e-9)  # the ratio saturates at e^20
+    assert torch.isfinite(ref.grad(loss, student)).all()
 
 
 def test_reopold_metrics_are_detached_scalars():

@@ -6,7 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reopold.core.losses import (
+from reopold.core import (
     generalized_jsd_loss,
     grpo_loss,
     policy_loss,
@@ -167,7 +167,7 @@ def global_count(name, batch):
     """The denominator a trainer would all-reduce: kept tokens (or kept sequences) over the whole batch."""
     mask = batch["mask"]
     if name == "exploration":
-        rewards = batch["teacher"] - batch["student"]
+        rewards = batch["teacher"] - batch["old"]  # R graded against pi_old (reward_policy "old")
         return int(keep_mask(rewards, batch["entropy"], mask, phase="exploration", floor=reward_floor(0.3),
                              threshold=None).sum())
     if name.startswith("refinement"):
@@ -179,7 +179,7 @@ def global_count(name, batch):
 
 def test_micro_batch_and_rank_split_with_global_count_equals_full_batch():
     student, logits, batch = make_batch(seed=3)
-    # tau_beta fixed once per rollout step over the whole batch (SPEC 4, DECIDED)
+    # tau_beta fixed once per rollout step over the whole batch (docs/algorithm.md)
     batch["tau"] = entropy_threshold(batch["entropy"], batch["mask"], beta=0.25)
     for name, fn in ALL_CASES.items():
         x = _input(name, student, logits)

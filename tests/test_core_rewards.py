@@ -22,7 +22,7 @@ FLOOR_TABLE = [(0.1, -2.5584), (0.2, -2.0118), (0.3, -1.7200), (0.5, -1.3863), (
 
 @pytest.mark.parametrize("lam, expected", FLOOR_TABLE)
 def test_reward_floor_matches_spec_table(lam, expected):
-    # SPEC.md section 3 gives 4 decimals: agree to half a unit in the last place.
+    # The reference table (docs/algorithm.md) gives 4 decimals: agree to half a unit in the last place.
     assert abs(reward_floor(lam) - expected) < 5e-5
     assert reward_floor(lam) == pytest.approx(math.log(lam) / (1 - lam), abs=1e-15)
 

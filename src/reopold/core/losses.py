@@ -1,4 +1,4 @@
-"""The REOPOLD objective and its baselines as (loss, metrics) functions (SPEC sections 5 and 7).
+"""The REOPOLD objective and its baselines as (loss, metrics) functions (the paper's Eq. 4, 6, 10 and its baselines; docs/algorithm.md).
 
 Shapes: B sequences, T response tokens (padded on the right), V vocabulary. Every mask is a torch.bool tensor.
 Every loss returns ``(loss, metrics)``: ``loss`` a 0-dim tensor to call ``backward`` on, ``metrics`` a dict of
@@ -18,10 +18,10 @@ import torch
 
 from reopold.core import rewards as reward_math
 from reopold.core._checks import check_choice, check_fraction, check_mask, check_same_shape, token_count
-from reopold.core.rewards import clipped_rewards, token_rewards
-from reopold.core.selection import PHASES, entropy_threshold, keep_mask
+from reopold.core.shaping import Shaping, distillation_shaping, grpo_shaping, reward_logprobs
 
 AGGREGATIONS = ("token_mean", "sequence_mean")
+MAX_LOG_RATIO = 20.0
 Metrics = dict[str, torch.Tensor]
 
 
@@ -42,7 +42,7 @@ def policy_loss(
     aggregation: str = "token_mean",
     num_tokens: torch.Tensor | int | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
-    """PPO-clipped policy-gradient loss, per token (Eq. 6 with the clip of SPEC section 5).
+    """PPO-clipped policy-gradient loss, per token (Eq. 6, with the standard PPO clip: docs/algorithm.md).
 
         rho = pi_theta / pi_old = exp(student_logprobs - old_logprobs)
         loss_t = -min(rho * A, clip(rho, 1 - clip_eps, 1 + clip_eps_high) * A)
@@ -67,7 +67,9 @@ def policy_loss(
     zeros = torch.zeros_like(student_logprobs)
     log_ratio = torch.where(mask, student_logprobs - old_logprobs.detach(), zeros)  # (B, T)
     adv = torch.where(mask, advantages, zeros)
-    ratio = torch.exp(log_ratio)
+    # A ratio of e^20 already saturates the clip; beyond it exp overflows to inf and inf * (negative A) poisons
+    # the loss. The clamp only changes tokens whose ratio is astronomically off.
+    ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + eps_high) * adv
     per_token = -torch.minimum(unclipped, clipped)  # (B, T), zero off the mask
@@ -97,22 +99,26 @@ def reopold_loss(
     lam: float = 0.3,
     beta: float = 0.2,
     clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
     threshold: torch.Tensor | float | None = None,
     num_tokens: torch.Tensor | int | None = None,
     stop_gradient: bool = True,
     reward_floor: bool = True,
     entropy_selection: bool = True,
+    reward_policy: str = "old",
 ) -> tuple[torch.Tensor, Metrics]:
-    """The REOPOLD objective J of Eq. 10, with the paper's ablation switches.
+    """The REOPOLD objective J of Eq. 10, with the paper's ablation switches: ``distillation_shaping`` then
+    ``policy_loss``, the same two stages the trainer runs.
 
-        R     = log pi_T - log pi_theta                      (Eq. 3; sg(R) when stop_gradient)
+        R     = log pi_T - log pi                            (Eq. 3; sg(R) when stop_gradient)
         R_hat = max(R, log(lam) / (1 - lam))                 (Eq. 7; when reward_floor)
         M     = 1[R >= floor]          in "exploration"      (Eq. 9)
               = 1[H >= tau_beta]       in "refinement"       (Eq. 8, 10; all valid tokens without entropy_selection)
         J     = 1/sum(M) * sum rho * R_hat * M               (PPO-clipped, see policy_loss)
 
-    R uses the current student log-probs (detached with stop_gradient), so with one update per rollout it equals
-    the rollout-time reward. The two-phase schedule is the caller's choice of ``phase`` (see ``phase_at``).
+    ``reward_policy`` says which student log-probs grade R: "old" (pi_old, the default: rewards, mask and count
+    fixed for every update of a rollout step) or "current" (the current policy, detached; the paper's notation).
+    They agree on the first update of a step. The two-phase schedule is the caller's ``phase`` (see ``phase_at``).
     Switches reproduce the cumulative ablation: RKL (all off, phase "refinement") -> +stop_gradient ->
     +reward_floor -> +entropy_selection -> +two phases.
 
@@ -123,6 +129,7 @@ def reopold_loss(
         phase: "exploration" or "refinement".
         lam: mixture weight of the reward floor, in (0, 1).
         beta: fraction of valid tokens kept in refinement, in (0, 1].
+        clip_eps / clip_eps_high: lower / upper PPO ratio clip (upper defaults to the lower).
         threshold: tau_beta computed over the whole rollout batch (all ranks); None computes it from this batch.
         num_tokens: global kept-token count; None uses this batch's.
 
@@ -130,36 +137,35 @@ def reopold_loss(
         loss, metrics: reward_mean, below_floor_frac, kept_frac, threshold, entropy_mean, clip_frac, ratio_mean,
         reverse_kl (mean of -R: the sampled-token estimate of KL(student || teacher) per token).
     """
-    check_choice("phase", phase, PHASES)
-    floor = reward_math.reward_floor(lam)
-    check_fraction("beta", beta, low_open=True, high_open=False)
-    check_mask("completion_mask", completion_mask)
-    if entropy is None and entropy_selection:
-        raise ValueError("entropy is None but entropy_selection=True; pass the student's (B, T) entropy")
-    rewards = token_rewards(student_logprobs, teacher_logprobs, stop_gradient=stop_gradient)  # (B, T)
-    entropy = torch.zeros_like(rewards).detach() if entropy is None else entropy.detach()
-    check_same_shape(rewards=rewards, entropy=entropy, completion_mask=completion_mask)
-
-    if phase == "refinement" and entropy_selection and threshold is None:
-        threshold = entropy_threshold(entropy, completion_mask, beta=beta)
-    used_threshold = threshold if phase == "refinement" and entropy_selection else None
-    mask = keep_mask(rewards, entropy, completion_mask, phase=phase, floor=floor, threshold=used_threshold)
-    advantages = clipped_rewards(rewards, floor if reward_floor else None)
-    loss, metrics = policy_loss(
-        student_logprobs, old_logprobs, advantages, mask, clip_eps=clip_eps, num_tokens=num_tokens
-    )
-
-    detached = rewards.detach()
-    metrics.update(
-        loss=loss.detach(),
-        reward_mean=masked_mean(detached, completion_mask),
-        below_floor_frac=masked_mean((detached < floor).to(detached.dtype), completion_mask),
-        kept_frac=mask.sum() / completion_mask.sum().clamp(min=1),
-        threshold=torch.as_tensor(math.nan if used_threshold is None else used_threshold, dtype=torch.float32),
-        entropy_mean=masked_mean(entropy, completion_mask),
-        reverse_kl=masked_mean(-detached, completion_mask),
-    )
+    check_same_shape(student_logprobs=student_logprobs, old_logprobs=old_logprobs, teacher_logprobs=teacher_logprobs)
+    graded = reward_logprobs(student_logprobs, old_logprobs, reward_policy=reward_policy,
+                             stop_gradient=stop_gradient)
+    shaped = distillation_shaping(
+        graded, teacher_logprobs, entropy, completion_mask, phase=phase, lam=lam, beta=beta, threshold=threshold,
+        stop_gradient=stop_gradient, reward_floor=reward_floor, entropy_selection=entropy_selection,
+    )  # fmt: skip
+    loss, metrics = policy_loss(student_logprobs, old_logprobs, shaped.advantages, shaped.keep_mask,
+                                clip_eps=clip_eps, clip_eps_high=clip_eps_high, num_tokens=num_tokens)
+    metrics.update(loss=loss.detach(), **distillation_metrics(shaped, entropy, completion_mask, lam=lam))
     return loss, metrics
+
+
+def distillation_metrics(
+    shaped: Shaping, entropy: torch.Tensor | None, completion_mask: torch.Tensor, *, lam: float
+) -> Metrics:
+    """Per-batch diagnostics of a distillation shaping (detached 0-dim tensors; no device sync)."""
+    floor = reward_math.reward_floor(lam)
+    detached = shaped.rewards.detach()
+    entropy = torch.zeros_like(detached) if entropy is None else entropy.detach()
+    threshold = math.nan if shaped.threshold is None else shaped.threshold
+    return {
+        "reward_mean": masked_mean(detached, completion_mask),
+        "below_floor_frac": masked_mean((detached < floor).to(detached.dtype), completion_mask),
+        "kept_frac": shaped.keep_mask.sum() / completion_mask.sum().clamp(min=1),
+        "threshold": torch.as_tensor(threshold, dtype=torch.float32),
+        "entropy_mean": masked_mean(entropy, completion_mask),
+        "reverse_kl": masked_mean(-detached, completion_mask),
+    }
 
 
 def rkl_loss(
@@ -187,36 +193,14 @@ def rkl_sg_loss(
     *,
     clip_eps: float = 0.2,
     num_tokens: torch.Tensor | int | None = None,
+    reward_policy: str = "old",
 ) -> tuple[torch.Tensor, Metrics]:
     """Reverse KL with a stop-gradient reward (the Thinking Machines / tinker recipe): RKL + sg(R)."""
     return reopold_loss(
         student_logprobs, old_logprobs, teacher_logprobs, None, completion_mask, phase="refinement",
-        clip_eps=clip_eps, num_tokens=num_tokens,
+        clip_eps=clip_eps, num_tokens=num_tokens, reward_policy=reward_policy,
         stop_gradient=True, reward_floor=False, entropy_selection=False,
     )  # fmt: skip
-
-
-def grpo_advantages(sequence_rewards: torch.Tensor, *, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """Group-normalised outcome advantages: A_i = (r_i - mean_g) / (std_g + eps) over the n samples of a prompt.
-
-    Args:
-        sequence_rewards: (B,) one scalar reward per response, the ``group_size`` samples of each prompt
-            consecutive. std is the unbiased sample std (as in GRPO's reference implementations).
-
-    Returns:
-        (B,) advantages; a group whose rewards are all equal gets 0.
-    """
-    if sequence_rewards.dim() != 1:
-        raise ValueError(f"sequence_rewards must be 1-D (B,); got shape {tuple(sequence_rewards.shape)}")
-    size = sequence_rewards.numel()
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or size % group_size:
-        raise ValueError(
-            f"group_size must be an int >= 2 that divides the batch size {size}; got group_size={group_size!r}"
-        )
-    groups = sequence_rewards.view(-1, group_size)  # (prompts, n)
-    mean = groups.mean(dim=-1, keepdim=True)
-    std = groups.std(dim=-1, keepdim=True)
-    return ((groups - mean) / (std + eps)).view(-1)
 
 
 def grpo_loss(
@@ -227,21 +211,16 @@ def grpo_loss(
     *,
     group_size: int,
     clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
     num_tokens: torch.Tensor | int | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
-    """GRPO: the group-normalised outcome advantage on every token of its response, PPO clip, token mean."""
-    check_mask("completion_mask", completion_mask)
-    if sequence_rewards.shape != completion_mask.shape[:1]:
-        raise ValueError(
-            f"sequence_rewards has shape {tuple(sequence_rewards.shape)}; expected ({completion_mask.shape[0]},), "
-            "one reward per response"
-        )
-    rewards = sequence_rewards.to(student_logprobs.dtype)  # 0/1 verdicts may arrive as bool or int
-    advantages = grpo_advantages(rewards, group_size=group_size)[:, None].expand_as(student_logprobs)  # (B, T)
-    loss, metrics = policy_loss(
-        student_logprobs, old_logprobs, advantages, completion_mask, clip_eps=clip_eps, num_tokens=num_tokens
-    )
-    metrics.update(loss=loss.detach(), reward_mean=rewards.mean().detach())
+    """GRPO: ``grpo_shaping`` (the group-normalised outcome advantage on every token of its response), then the
+    PPO-clipped token-mean ``policy_loss``."""
+    shaped = grpo_shaping(sequence_rewards, completion_mask, group_size=group_size)
+    loss, metrics = policy_loss(student_logprobs, old_logprobs, shaped.advantages.to(student_logprobs.dtype),
+                                shaped.keep_mask, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+                                num_tokens=num_tokens)
+    metrics.update(loss=loss.detach(), reward_mean=sequence_rewards.float().mean().detach())
     return loss, metrics
 
 
@@ -276,7 +255,7 @@ def generalized_jsd_loss(
         beta = 0: KL(P_T || P_S) (forward KL);  beta = 1: KL(P_S || P_T) (reverse KL)
 
     top_k restricts both distributions to the teacher's k most likely tokens at each position and renormalises
-    them there (DECIDED; the paper's "top-5 GKD").
+    them there (our choice, docs/algorithm.md; the paper's "top-5 GKD").
 
     Args:
         student_logits, teacher_logits: (B, T, V) next-token logits at the response positions.

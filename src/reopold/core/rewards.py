@@ -1,4 +1,4 @@
-"""Token rewards of on-policy distillation and REOPOLD's reward floor (SPEC sections 2 and 3).
+"""Token rewards of on-policy distillation and REOPOLD's reward floor (Eq. 3, Remark 3.1, Eq. 5/7).
 
 The teacher grades every token the student sampled by how much more (or less) likely it finds that token:
 

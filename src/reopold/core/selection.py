@@ -1,4 +1,4 @@
-"""Which tokens REOPOLD trains on: entropy-based dynamic sampling and the two phases (SPEC sections 4 and 5).
+"""Which tokens REOPOLD trains on: entropy-based dynamic sampling and the two phases (Eq. 8, 9, 10).
 
     tau_beta = (1 - beta) quantile of the student entropy H over valid tokens          (Eq. 8)
     M = 1[R >= floor]       if k <  T_switch   (exploration)                          (Eq. 9)
@@ -19,7 +19,7 @@ PHASES = ("exploration", "refinement")
 def entropy_threshold(entropy: torch.Tensor, completion_mask: torch.Tensor, *, beta: float) -> torch.Tensor:
     """tau_beta of Eq. 8: keeping ``entropy >= tau_beta`` keeps the top-beta fraction of valid tokens.
 
-    DECIDED (the paper does not say which quantile estimator): with N valid tokens and k = ceil(beta * N),
+    Our choice (the paper does not say which quantile estimator; docs/algorithm.md): with N valid tokens and k = ceil(beta * N),
     tau_beta is the k-th largest valid entropy. At least k tokens are kept, more only when entropies tie at the
     threshold (all ties are kept). With no valid token the threshold is +inf (nothing is kept).
 
