@@ -9,17 +9,13 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from reopold.benchmark import add_arguments, run_command
+from reopold.cli import main as reopold_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sample_efficiency.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run_command(parser.parse_args(argv))
+    return reopold_main(["benchmark", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ import os
 import sys
 from pathlib import Path
 
-from reopold.config import from_dict
+from reopold.config.loader import from_dict
+from reopold.config.schema import TrainConfig
 from reopold.rollout import build_rollout
-from reopold.run import resume_config, train
 from reopold.tasks import ArithmeticTask
-from reopold.train_config import TrainConfig
+from reopold.train.run import resume_config, train
 
 
 class ScriptedEngine:
@@ -79,9 +79,9 @@ def nan_loss_at(step: int) -> None:
     """Rank 0's loss is NaN in every update of rollout step ``step`` (0-based), the scores staying finite."""
     import torch
 
-    import reopold.run
+    import reopold.train.run
 
-    build = reopold.run.build_algorithm
+    build = reopold.train.run.build_algorithm
 
     def build_with_nan(config, vocab_size):
         algorithm = build(config, vocab_size)
@@ -99,7 +99,7 @@ def nan_loss_at(step: int) -> None:
         algorithm.shape, algorithm.loss = record_step, nan_loss
         return algorithm
 
-    reopold.run.build_algorithm = build_with_nan
+    reopold.train.run.build_algorithm = build_with_nan
 
 
 def main() -> None:

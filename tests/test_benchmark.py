@@ -12,32 +12,32 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reopold.benchmark import (
-    LADDER,
-    METHODS,
-    RunSpec,
-    Sweep,
-    add_command,
-    check_sweep_file,
+from reopold.benchmark.aggregate import (
     estimate_seconds,
     mean_curve,
     mean_std,
     negative_transfer,
     pick_lr,
-    plan_text,
     relative_samples,
-    run_benchmark,
-    run_command,
+    samples_to_threshold,
+)
+from reopold.benchmark.command import add_command, plan_text, run_benchmark, run_command
+from reopold.benchmark.plan import (
+    LADDER,
+    METHODS,
+    RunSpec,
+    Sweep,
+    check_sweep_file,
     run_overrides,
     run_root,
     run_status,
-    samples_to_threshold,
     seed_runs,
     selection_runs,
 )
-from reopold.config import load_config
-from reopold.tracking import MetricsLogger
-from reopold.train_config import TrainConfig
+from reopold.cli import main
+from reopold.config.loader import load_config
+from reopold.config.schema import TrainConfig
+from reopold.train.tracking import MetricsLogger
 from tests.tiny import make_model, tiny_config
 
 
@@ -276,5 +276,5 @@ def test_quick_sweep_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["methods"] == data["methods"]
     # Another grid in the same folder is refused before anything runs.
     capsys.readouterr()
-    assert run_command(parser.parse_args([*argv, "--lrs", "1e-3"])) == 2
+    assert main([*argv, "--lrs", "1e-3"]) == 2
     assert "other settings" in capsys.readouterr().err

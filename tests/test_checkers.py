@@ -6,8 +6,8 @@ import builtins
 
 import pytest
 
-from reopold.checkers import MATH_INSTALL_HINT, TaskChecker, build_checker, require_math_verify
 from reopold.tasks import ArithmeticTask, Problem
+from reopold.tasks.checkers import MATH_INSTALL_HINT, TaskChecker, build_checker, require_math_verify
 
 
 def test_exact_checker_on_the_bundled_task():
@@ -20,7 +20,7 @@ def test_exact_checker_on_the_bundled_task():
 
 
 def test_build_checker_names_the_valid_checkers():
-    with pytest.raises(ValueError, match=r"unknown checker 'maths'.*exact, math.*Did you mean 'math'"):
+    with pytest.raises(ValueError, match=r"unknown checker 'maths'.*exact, math.*did you mean 'math'"):
         build_checker("maths", ArithmeticTask())
     assert build_checker("exact", ArithmeticTask()).name == "exact"
 

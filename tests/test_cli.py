@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from reopold.cli import DEMO_CONFIG, main
-from reopold.config import _walk as config_keys
-from reopold.config import load_config, save_config, to_dict
-from reopold.train_config import TrainConfig
+from reopold.config.loader import _walk as config_keys
+from reopold.config.loader import load_config, save_config, to_dict
+from reopold.config.schema import TrainConfig
 from tests.tiny import make_model, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,3 +191,28 @@ def test_prompt_file_run_and_report(capsys, tmp_path, models):
     assert to_dict(saved)["data"]["prompt_key"] == "question"
     report = (run_dir / "report.md").read_text()
     assert "plots/accuracy.png" in report and (run_dir / "plots" / "accuracy.png").exists()
+
+
+def test_an_algorithm_registered_from_outside_is_accepted_by_the_config_and_run(tmp_path, models, capsys):
+    """The registry is the extension point: a name registered in this test is a valid algo.name, end to end."""
+    from reopold.registry import ALGORITHMS
+    from reopold.train.algorithms import build_distillation
+
+    calls = []
+
+    def build_mine(config, vocab_size):
+        calls.append(config.algo.name)
+        return build_distillation(config, vocab_size)
+
+    ALGORITHMS.register("my_reopold", build_mine)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            ALGORITHMS.register("my_reopold", build_mine)
+        config = tmp_path / "c.yaml"
+        config.write_text(yaml.safe_dump(tiny_config(tmp_path, *models, algo={"name": "my_reopold"})))
+        assert main(["train", "--config", str(config), "--run.steps", "1", "--run.eval_every", "0"]) == 0
+        assert calls == ["my_reopold"]
+    finally:
+        ALGORITHMS._entries.pop("my_reopold")
+    assert main(["train", "--config", str(config), "--algo.name", "my_reopld"]) == 2
+    assert "did you mean" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from typing import Literal
 
 import pytest
 
-from reopold.config import (
+from reopold.config.loader import (
     ConfigError,
     add_arguments,
     check_schema,
@@ -206,7 +206,8 @@ def test_wrong_type_or_choice_names_key_value_and_expected(data, message):
 def test_wrong_type_from_command_line():
     with pytest.raises(ConfigError, match=r"^train\.steps: expected int, got 'abc' \(str\)$"):
         load_config(Top, overrides=["--train.steps", "abc"])
-    with pytest.raises(ConfigError, match=r"^train\.precision: expected one of 'bf16', 'fp32', got 'fp16'$"):
+    with pytest.raises(ConfigError,
+                       match=r"^train\.precision: expected one of 'bf16', 'fp32', got 'fp16'; did you mean 'bf16'\?$"):
         load_config(Top, overrides=["train.precision=fp16"])
 
 

@@ -9,13 +9,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from reopold.checkpoint import latest_checkpoint
+from reopold.train.checkpoint import latest_checkpoint
 from tests.tiny import make_model, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,11 +24,16 @@ DIAGNOSTICS = ("reward_mean", "below_floor_frac", "kept_frac", "reverse_kl", "en
                "train_accuracy")
 
 
+EXTENSIONS = Path(tempfile.mkdtemp(prefix="reopold-torch-extensions-"))
+
+
 def launch(command: list[str], tmp_path: Path, *, expect_failure: bool = False) -> str:
     """Run a worker command; its stderr. It must succeed, or, with ``expect_failure``, fail."""
     # tests/ and, for an uninstalled checkout, src/ importable in the launched ranks
     path = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    # DeepSpeed builds a C++ extension on first use under TORCH_EXTENSIONS_DIR; in the shared default folder a lock
+    # left by another (killed) process makes that build wait forever. This test run's own folder cannot be stale.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "TORCH_EXTENSIONS_DIR": str(EXTENSIONS)}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert (result.returncode != 0) == expect_failure, result.stderr[-3000:]
     return result.stderr
@@ -42,8 +48,14 @@ MODES = {"ddp": [], "fsdp": ["--fsdp"], "zero2": ["--zero", "2"], "zero3": ["--z
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install deepspeed")
 
 
-@pytest.mark.parametrize(("algo", "mode"), [("reopold", "ddp"), ("grpo", "ddp"), ("reopold", "fsdp"), ("gkd", "fsdp"),
-                                            ("reopold", "fsdp-lora"), ("reopold", "fsdp-ckpt"),
+slow = pytest.mark.slow
+
+
+# One check per engine in the default run; the rest of the matrix under `pytest -m slow`.
+@pytest.mark.parametrize(("algo", "mode"), [("reopold", "ddp"), pytest.param("grpo", "ddp", marks=slow),
+                                            ("reopold", "fsdp"), pytest.param("gkd", "fsdp", marks=slow),
+                                            pytest.param("reopold", "fsdp-lora", marks=slow),
+                                            pytest.param("reopold", "fsdp-ckpt", marks=slow),
                                             pytest.param("reopold", "zero2", marks=needs_deepspeed),
                                             pytest.param("reopold", "zero3", marks=needs_deepspeed)])
 def test_two_ranks_match_one_process(tmp_path, algo, mode):
@@ -91,6 +103,7 @@ def test_two_ranks_match_one_process(tmp_path, algo, mode):
         torch.testing.assert_close(weights["ranks"][key], value, atol=atol, rtol=1e-4, msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fsdp", pytest.param("zero3", marks=needs_deepspeed)])
 def test_sharded_checkpoint_resumes(tmp_path, mode):
     """Sharded on two ranks for 2 steps, then resumed for a third on two ranks: the same weights, losses and
@@ -137,6 +150,7 @@ def test_sharded_checkpoint_resumes(tmp_path, mode):
             torch.testing.assert_close(weights[key], value, atol=1e-5, rtol=1e-4, msg=f"{name}: {key}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fsdp", pytest.param("zero2", marks=needs_deepspeed)])
 def test_a_nan_update_on_one_rank_is_skipped_or_stops_the_run(tmp_path, mode):
     """Rank 0's loss is NaN in step 3 of 4 (scores finite). FSDP skips that update on every rank and goes on;
@@ -171,8 +185,8 @@ def fake_accelerator(kind: str, *, fsdp_version: int = 2, zero_stage: int = 2, p
 
 
 def test_sharding_names_what_the_trainer_runs_and_refuses_fsdp1():
-    from reopold.config import ConfigError
-    from reopold.distributed import deepspeed_stage, sharding
+    from reopold.config.loader import ConfigError
+    from reopold.train.distributed import deepspeed_stage, sharding
 
     assert sharding(fake_accelerator("FSDP")) == "fsdp2"
     assert sharding(fake_accelerator("DEEPSPEED", zero_stage=3)) == "zero3"
@@ -184,7 +198,7 @@ def test_sharding_names_what_the_trainer_runs_and_refuses_fsdp1():
 
 
 def test_deepspeed_gets_the_trainers_batch_sizes_and_clipping():
-    from reopold.distributed import configure_deepspeed
+    from reopold.train.distributed import configure_deepspeed
 
     accelerator = fake_accelerator("DEEPSPEED", zero_stage=3, processes=4)
     configure_deepspeed(accelerator, micro_batch_size=8, micro_batches=3, grad_clip=0.0)
@@ -196,8 +210,8 @@ def test_deepspeed_gets_the_trainers_batch_sizes_and_clipping():
 
 @pytest.mark.parametrize(("written", "expected"), [("torch", "full"), ("per_rank", "torch"), ("full", "per_rank")])
 def test_resume_under_another_launch_setup_is_refused_clearly(tmp_path, written, expected):
-    from reopold.config import ConfigError
-    from reopold.distributed import load_optimizer_state
+    from reopold.config.loader import ConfigError
+    from reopold.train.distributed import load_optimizer_state
 
     with pytest.raises(ConfigError, match="resume it under"):
         load_optimizer_state(None, None, None, {"optimizer": {}, "optimizer_format": written}, tmp_path,
@@ -205,9 +219,9 @@ def test_resume_under_another_launch_setup_is_refused_clearly(tmp_path, written,
 
 
 def test_launch_precision_that_the_run_would_ignore_is_refused(monkeypatch, tmp_path):
-    from reopold.config import ConfigError, from_dict
-    from reopold.run import check_launch_precision
-    from reopold.train_config import TrainConfig
+    from reopold.config.loader import ConfigError, from_dict
+    from reopold.config.schema import TrainConfig
+    from reopold.train.preflight import check_launch_precision
 
     config = from_dict(TrainConfig, tiny_config(tmp_path, tmp_path / "t", tmp_path / "s"))
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch` sets from its config

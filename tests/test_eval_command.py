@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-import reopold.models
-from reopold.checkpoint import save_checkpoint
+import reopold.models.loading
 from reopold.cli import main
-from reopold.eval_command import default_ks
-from reopold.models import load_model, load_tokenizer
-from reopold.sampling_metrics import summarize
+from reopold.evaluation.commands import default_ks
+from reopold.evaluation.metrics import summarize
+from reopold.models.loading import load_model, load_tokenizer
+from reopold.train.checkpoint import save_checkpoint
 from tests.tiny import make_model
 
 
@@ -93,8 +93,8 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was validated")
 
-    monkeypatch.setattr(reopold.models, "load_model", refuse)
-    monkeypatch.setattr(reopold.models, "load_tokenizer", refuse)
+    monkeypatch.setattr(reopold.models.loading, "load_model", refuse)
+    monkeypatch.setattr(reopold.models.loading, "load_tokenizer", refuse)
 
 
 def error_of(capsys, argv) -> str:
@@ -139,9 +139,9 @@ def test_math_checker_without_math_verify_fails_before_loading(student, capsys, 
 
 def test_trainer_evaluation_and_greedy_eval_agree(tmp_path, student):
     # The trainer's periodic evaluate() and `reopold eval --temperature 0 --n 1` grade the same greedy answers.
-    from reopold.data import PromptEncoder
-    from reopold.evaluation import evaluate
+    from reopold.evaluation.heldout import evaluate
     from reopold.tasks import ArithmeticTask
+    from reopold.tasks.prompts import PromptEncoder
 
     task = ArithmeticTask()
     tokenizer = load_tokenizer(str(student))

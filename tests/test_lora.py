@@ -7,11 +7,11 @@ import json
 import torch
 from transformers import AutoModelForCausalLM
 
-from reopold.checkpoint import latest_checkpoint
 from reopold.cli import main
-from reopold.config import from_dict
-from reopold.run import train
-from reopold.train_config import TrainConfig
+from reopold.config.loader import from_dict
+from reopold.config.schema import TrainConfig
+from reopold.train.checkpoint import latest_checkpoint
+from reopold.train.run import train
 from tests.tiny import make_model, tiny_config
 
 

@@ -14,11 +14,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from reopold.remote_teacher import RemoteTeacher, TeacherUnavailable
 from reopold.rollout import build_rollout
-from reopold.scoring import LocalTeacher
 from reopold.tasks import build_tokenizer
-from reopold.teacher_server import build_server
+from reopold.teacher import TeacherUnavailable
+from reopold.teacher.local import LocalTeacher
+from reopold.teacher.remote import RemoteTeacher
+from reopold.teacher.server import build_server
 from tests.tiny import make_model
 
 

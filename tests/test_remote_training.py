@@ -8,12 +8,12 @@ import threading
 
 import pytest
 
-from reopold.checkpoint import latest_checkpoint
-from reopold.config import from_dict
-from reopold.run import train
-from reopold.teacher_server import build_server
-from reopold.train_config import TrainConfig
-from reopold.trainer import TrainingStopped
+from reopold.config.loader import from_dict
+from reopold.config.schema import TrainConfig
+from reopold.errors import TrainingStopped
+from reopold.teacher.server import build_server
+from reopold.train.checkpoint import latest_checkpoint
+from reopold.train.run import train
 from tests.tiny import make_model, tiny_config
 
 
@@ -62,7 +62,7 @@ def test_remote_teacher_gives_the_local_trajectory(tmp_path, server_and_models):
 
 def test_dead_server_stops_training_with_a_checkpoint(tmp_path, server_and_models, monkeypatch):
     url, teacher, student, stop = server_and_models
-    from reopold.trainer import Trainer
+    from reopold.train.trainer import Trainer
 
     original = Trainer.save
 
@@ -82,7 +82,7 @@ def test_dead_server_stops_training_with_a_checkpoint(tmp_path, server_and_model
 
 
 def test_remote_teacher_refuses_algorithms_that_need_a_local_one(tmp_path):
-    from reopold.config import ConfigError
+    from reopold.config.loader import ConfigError
 
     for name in ("gkd", "sft"):
         with pytest.raises(ConfigError, match="needs a local teacher"):

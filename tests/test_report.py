@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from reopold.report import summarize, write_report
-from reopold.tracking import MetricsLogger, read_metrics
+from reopold.evaluation.report import summarize, write_report
+from reopold.train.tracking import MetricsLogger, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EVALS = [  # (step, samples, accuracy, reverse_kl)

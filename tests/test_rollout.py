@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from reopold.models.scorer import TokenScorer
 from reopold.rollout import HFRolloutEngine, build_rollout, completion_mask_from
-from reopold.scoring import LocalTeacher, TokenScorer
+from reopold.teacher.local import LocalTeacher
 from tests.tiny import make_model
 
 

@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import pytest
 
-from reopold.sampling_metrics import avg_at_k, maj_at_k, majority_vote, pass_at_k, summarize
+from reopold.evaluation.metrics import avg_at_k, maj_at_k, majority_vote, pass_at_k, summarize
 
 
 def brute_force_pass_at_k(n: int, c: int, k: int) -> Fraction:

@@ -8,9 +8,7 @@ import math
 import pytest
 
 from reopold.cli import main
-from reopold.data import PromptEncoder
-from reopold.models import load_model, load_tokenizer
-from reopold.scaling import (
+from reopold.evaluation.scaling import (
     ScalingModel,
     ScalingPoint,
     cheapest_reaching,
@@ -19,7 +17,9 @@ from reopold.scaling import (
     plot_scaling,
     scaling_table,
 )
+from reopold.models.loading import load_model, load_tokenizer
 from reopold.tasks import ArithmeticTask
+from reopold.tasks.prompts import PromptEncoder
 from tests.tiny import make_model
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reopold.tasks import ArithmeticTask, Problem, build_tokenizer, get_task, register_task
+from reopold.tasks import TASKS, ArithmeticTask, Problem, build_tokenizer, get_task
 
 DEMO = resources.files("reopold") / "assets" / "demo"
 HARD = Path(__file__).resolve().parents[1] / "benchmarks" / "hard"  # the benchmark's harder variant (3x3 digits)
@@ -104,7 +104,7 @@ def test_registry():
     with pytest.raises(KeyError, match="arithmetic"):
         get_task("arithmetc")
     with pytest.raises(ValueError, match="already registered"):
-        register_task("arithmetic", ArithmeticTask)
+        TASKS.register("arithmetic", ArithmeticTask)
 
 
 # ---- tokenizer -----------------------------------------------------------------------------------------

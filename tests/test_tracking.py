@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from reopold.tracking import MetricsLogger, read_metrics, truncate_metrics
+from reopold.train.tracking import MetricsLogger, read_metrics, truncate_metrics
 
 
 def _strict_loads(line):
@@ -116,7 +116,7 @@ def test_missing_optional_backend_fails_at_construction(tmp_path, monkeypatch, o
 
 
 def test_import_does_not_pull_in_tensorboard_or_wandb():
-    code = ("import sys, reopold.tracking; "
+    code = ("import sys, reopold.train.tracking; "
             "print(sorted(m for m in sys.modules if m.startswith(('torch.utils.tensorboard', 'wandb'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

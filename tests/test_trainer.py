@@ -9,11 +9,11 @@ import shutil
 import pytest
 import torch
 
-from reopold.checkpoint import latest_checkpoint
-from reopold.config import from_dict
-from reopold.run import train
-from reopold.train_config import TrainConfig
-from reopold.trainer import TrainingStopped
+from reopold.config.loader import from_dict
+from reopold.config.schema import TrainConfig
+from reopold.errors import TrainingStopped
+from reopold.train.checkpoint import latest_checkpoint
+from reopold.train.run import train
 from tests.tiny import make_model, tiny_config
 
 TIMING_KEYS = {"time", "rollout_seconds", "score_seconds", "update_seconds"}
@@ -103,7 +103,7 @@ def test_checkpoint_loads_with_plain_transformers(tmp_path, models):
 
 
 def test_nan_losses_stop_training_with_a_checkpoint(tmp_path, models, monkeypatch):
-    from reopold.scoring import LocalTeacher
+    from reopold.teacher.local import LocalTeacher
 
     monkeypatch.setattr(LocalTeacher, "logprobs", lambda self, rollout: torch.full(
         rollout.completion_mask.shape, float("nan"), device=rollout.completion_mask.device))

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from reopold.rollout import build_rollout
+from reopold.rollout.vllm import OfflineLLM, TRLServer, VLLMRolloutEngine
 from reopold.tasks import build_tokenizer
-from reopold.vllm_engine import OfflineLLM, TRLServer, VLLMRolloutEngine
 
 EOS = 1  # the char tokenizer's <eos>; <pad> is 0
 
@@ -202,7 +202,7 @@ def test_missing_trl_names_the_extras(monkeypatch, tokenizer):
 
 def test_importing_the_module_does_not_import_vllm_or_trl():
     code = (
-        "import json, sys; import reopold, reopold.vllm_engine; "
+        "import json, sys; import reopold, reopold.rollout.vllm; "
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('vllm', 'trl'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -1,6 +1,7 @@
 """REOPOLD's math as pure torch functions: tensors and scalars in, ``(loss, metrics)`` out.
 
-No models, no config objects, no I/O, no device syncs. docs/algorithm.md maps each of the paper's equations to its function.
+No models, no config objects, no I/O, no device syncs. docs/algorithm.md maps each of the paper's equations to
+its function.
 """
 
 from reopold.core.losses import (

@@ -1,4 +1,4 @@
-"""The REOPOLD objective and its baselines as (loss, metrics) functions (the paper's Eq. 4, 6, 10 and its baselines; docs/algorithm.md).
+"""The REOPOLD objective and its baselines as (loss, metrics) functions (Eq. 4, 6, 10; docs/algorithm.md).
 
 Shapes: B sequences, T response tokens (padded on the right), V vocabulary. Every mask is a torch.bool tensor.
 Every loss returns ``(loss, metrics)``: ``loss`` a 0-dim tensor to call ``backward`` on, ``metrics`` a dict of

@@ -19,7 +19,8 @@ PHASES = ("exploration", "refinement")
 def entropy_threshold(entropy: torch.Tensor, completion_mask: torch.Tensor, *, beta: float) -> torch.Tensor:
     """tau_beta of Eq. 8: keeping ``entropy >= tau_beta`` keeps the top-beta fraction of valid tokens.
 
-    Our choice (the paper does not say which quantile estimator; docs/algorithm.md): with N valid tokens and k = ceil(beta * N),
+    Our choice (the paper names a quantile, not an estimator; docs/algorithm.md): with N valid tokens and
+    k = ceil(beta * N),
     tau_beta is the k-th largest valid entropy. At least k tokens are kept, more only when entropies tie at the
     threshold (all ties are kept). With no valid token the threshold is +inf (nothing is kept).
 

@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 import torch
 
-from reopold.core._checks import check_choice, check_fraction, check_mask, check_same_shape
 from reopold.core import rewards as reward_math
+from reopold.core._checks import check_choice, check_fraction, check_mask, check_same_shape
 from reopold.core.rewards import clipped_rewards, token_rewards
 from reopold.core.selection import PHASES, entropy_threshold, keep_mask
 

@@ -1,32 +1,43 @@
-"""Verifiable tasks: a name -> class registry and the bundled char-level tokenizer."""
+"""Prompts and tasks: the Task Protocol every data source implements, the bundled arithmetic task, prompts from
+JSONL / saved datasets (``prompts``), answer checkers and the char-level tokenizer. Tasks are looked up by name in
+``reopold.registry.TASKS``; ``TASKS.register("mine", MyTask)`` adds one (``MyTask.from_config(data)`` builds it)."""
 
 from __future__ import annotations
 
-import difflib
+from typing import Protocol
 
+from reopold.registry import TASKS
 from reopold.tasks.arithmetic import ArithmeticTask, Problem
 from reopold.tasks.tokenizer import build_tokenizer
 
-TASKS: dict[str, type] = {}
+
+class Task(Protocol):
+    """Prompts in fixed splits, and an exact checker of a completion's final answer."""
+
+    name: str
+
+    @classmethod
+    def from_config(cls, data) -> Task:
+        """Build the task from the ``data`` section of a TrainConfig."""
+        ...
+
+    def problems(self, split: str, n: int) -> list[Problem]:
+        """The first ``n`` problems of ``split`` ("train", "validation" or "test"), in a fixed order."""
+        ...
+
+    def check(self, problem: Problem, completion: str) -> bool:
+        """Whether ``completion`` ends in the problem's answer."""
+        ...
 
 
-def register_task(name: str, cls: type) -> type:
-    """Add ``cls`` under ``name``; a second registration of the same name is an error."""
-    if name in TASKS:
-        raise ValueError(f"task {name!r} is already registered (by {TASKS[name].__name__})")
-    TASKS[name] = cls
-    return cls
+def build_task(data) -> Task:
+    """The task named by ``data.task`` (a registered name), built from the config's data section."""
+    return TASKS.get(data.task).from_config(data)
 
 
-def get_task(name: str, **kwargs):
+def get_task(name: str, **kwargs) -> Task:
     """Instantiate the task registered as ``name`` with ``kwargs`` (e.g. ``digits=(3, 2)``)."""
-    if name not in TASKS:
-        close = difflib.get_close_matches(name, TASKS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"unknown task {name!r}; valid names: {sorted(TASKS)}.{hint}")
-    return TASKS[name](**kwargs)
+    return TASKS.get(name)(**kwargs)
 
 
-register_task(ArithmeticTask.name, ArithmeticTask)
-
-__all__ = ["TASKS", "ArithmeticTask", "Problem", "build_tokenizer", "get_task", "register_task"]
+__all__ = ["TASKS", "ArithmeticTask", "Problem", "Task", "build_task", "build_tokenizer", "get_task"]

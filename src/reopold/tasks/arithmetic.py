@@ -75,6 +75,10 @@ class ArithmeticTask:
         self.digits = digits
         self.alphabet = "0123456789*+=;:"  # every character a prompt or completion can contain
 
+    @classmethod
+    def from_config(cls, data) -> ArithmeticTask:
+        return cls(digits=tuple(data.digits))
+
     def __repr__(self) -> str:
         return f"ArithmeticTask(digits={self.digits})"
 

@@ -10,7 +10,7 @@ import random
 import re
 from pathlib import Path
 
-from reopold.tasks import Problem, get_task
+from reopold.tasks.arithmetic import Problem
 
 _BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
@@ -27,7 +27,7 @@ class PromptTask:
     def __init__(self, path: str, *, prompt_key: str = "prompt", answer_key: str = "answer", held_out: int = 1000,
                  checker: str = "exact"):
         if checker == "math":
-            from reopold.checkers import MathChecker
+            from reopold.tasks.checkers import MathChecker
 
             self._math = MathChecker()  # fails here, before any model loads, when math-verify is missing
         else:
@@ -43,6 +43,11 @@ class PromptTask:
             "validation": [problems[i] for i in order[:held]],
             "train": [problems[i] for i in order[held:]],
         }
+
+    @classmethod
+    def from_config(cls, data) -> PromptTask:
+        return cls(data.prompts, prompt_key=data.prompt_key, answer_key=data.answer_key, held_out=data.eval_problems,
+                   checker=data.checker)
 
     def problems(self, split: str, n: int) -> list[Problem]:
         return self._splits[split][:n]
@@ -104,14 +109,6 @@ def load_records(path: str, *, prompt_key: str) -> list[dict]:
         if not isinstance(record.get(prompt_key), str) or not record[prompt_key].strip():
             raise ValueError(f"{path}: row {number} has no text under {prompt_key!r} (set data.prompt_key)")
     return records
-
-
-def build_task(data_config):
-    """The task named by ``data.task``: a bundled one, or ``prompts`` read from ``data.prompts``."""
-    if data_config.task == "prompts":
-        return PromptTask(data_config.prompts, prompt_key=data_config.prompt_key, answer_key=data_config.answer_key,
-                          held_out=data_config.eval_problems, checker=data_config.checker)
-    return get_task(data_config.task, digits=tuple(data_config.digits))
 
 
 class PromptEncoder:

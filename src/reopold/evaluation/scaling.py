@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from reopold.evaluation.metrics import maj_at_k, pass_at_k
 from reopold.rollout import HFRolloutEngine
-from reopold.sampling_metrics import maj_at_k, pass_at_k
 
 METRICS = ("pass", "maj")
 

@@ -1,6 +1,5 @@
-"""Rollouts: the student samples n answers per prompt. A rollout engine is anything with ``generate``; the default
-is Hugging Face ``generate`` with a KV cache, which is also the CPU path.
-"""
+"""The Rollout batch layout and the engine Protocol every sampler implements (Hugging Face ``generate`` in
+``rollout.hf``, vLLM in ``rollout.vllm``)."""
 
 from __future__ import annotations
 
@@ -63,7 +62,15 @@ class Rollout:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompt_ids: list[list[int]], problems: list, *, num_samples: int) -> Rollout: ...
+    """What the trainer needs from a sampler: n responses per prompt, and the trained weights after each update."""
+
+    def generate(self, prompt_ids: list[list[int]], problems: list, *, num_samples: int) -> Rollout:
+        """Sample ``num_samples`` responses per prompt at the engine's temperature; rows of a prompt consecutive."""
+        ...
+
+    def sync_weights(self, model) -> None:
+        """Make the next ``generate`` sample from ``model``'s current weights."""
+        ...
 
 
 def completion_mask_from(ids: torch.Tensor, eos_token_id: int | list[int]) -> torch.Tensor:
@@ -102,51 +109,3 @@ def build_rollout(
     attention[:, width:] = mask.long()
     texts = tokenizer.batch_decode(input_ids[:, width:] * mask, skip_special_tokens=True) if tokenizer else []
     return Rollout(input_ids, attention, mask, width, list(problems), texts)
-
-
-class HFRolloutEngine:
-    """Samples with ``model.generate`` (KV cache) at ``temperature`` from the model's full distribution.
-
-    top-k and top-p are switched off on purpose: the student's log-probs are taken from softmax(logits / T), so the
-    sampler must draw from exactly that distribution (a model's generation_config often sets top_k=50).
-    """
-
-    def __init__(self, model, tokenizer, *, max_new_tokens: int, temperature: float = 1.0, do_sample: bool = True):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.do_sample = do_sample
-
-    @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], problems: list, *, num_samples: int = 1) -> Rollout:
-        from transformers import GenerationConfig
-
-        tokenizer = self.tokenizer
-        device = next(self.model.parameters()).device
-        width = max(len(p) for p in prompt_ids)
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompt_ids], device=device)
-        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
-        sampling = {"temperature": self.temperature, "top_k": 0, "top_p": 1.0} if self.do_sample else {}
-        config = GenerationConfig(
-            do_sample=self.do_sample, max_new_tokens=self.max_new_tokens, num_return_sequences=num_samples,
-            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, use_cache=True, **sampling,
-        )  # fmt: skip
-        was_training = self.model.training
-        self.model.eval()
-        out = self.model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
-        self.model.train(was_training)
-        completion = out[:, width:]  # (B * n, T)
-        mask = completion_mask_from(completion, tokenizer.eos_token_id)
-        completion = torch.where(mask, completion, torch.full_like(completion, pad))
-        rows = torch.arange(len(prompt_ids), device=device).repeat_interleave(num_samples)
-        rollout = Rollout(
-            input_ids=torch.cat([input_ids[rows], completion], dim=1),
-            attention_mask=torch.cat([attention[rows], mask.long()], dim=1),
-            completion_mask=mask,
-            prompt_length=width,
-            problems=[problems[i] for i in rows.tolist()],
-            texts=tokenizer.batch_decode(completion, skip_special_tokens=True),
-        )
-        return rollout

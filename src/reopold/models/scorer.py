@@ -4,8 +4,6 @@ next-token distribution at that position, computed chunk by chunk from the final
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 
 from reopold.core import logprobs_and_entropy, logprobs_from_hidden
@@ -58,7 +56,7 @@ class TokenScorer(torch.nn.Module):
 
         ``generate``: keyword arguments for ``self.lm.generate``, whose output is returned instead. Generation of
         a sharded (FSDP) student must run inside the root module's forward, where its weights are gathered (see
-        reopold.distributed).
+        reopold.train.distributed).
         """
         if generate is not None:
             return self.lm.generate(**generate)
@@ -89,36 +87,3 @@ class TokenScorer(torch.nn.Module):
         return logprobs_and_entropy(
             logits, tokens, temperature=self.temperature, chunk_size=self.chunk_size, with_entropy=with_entropy
         )
-
-
-class Teacher(Protocol):
-    """What the trainer needs from a teacher: log-probs of given tokens, and full logits for GKD."""
-
-    def logprobs(self, rollout: Rollout) -> torch.Tensor: ...
-
-    def logits(self, rollout: Rollout, vocab_size: int | None = None) -> torch.Tensor: ...
-
-
-class LocalTeacher:
-    """A frozen Hugging Face model in this process, scored at ``temperature`` (default 1.0, the sampling one)."""
-
-    def __init__(self, lm, *, temperature: float = 1.0, chunk_size: int = 1024, micro_batch_size: int = 64):
-        self.scorer = TokenScorer(lm.eval().requires_grad_(False), temperature=temperature, chunk_size=chunk_size)
-        self.micro_batch_size = micro_batch_size
-
-    @torch.no_grad()
-    def logprobs(self, rollout: Rollout) -> torch.Tensor:
-        device = next(self.scorer.parameters()).device
-        parts = []
-        for start in range(0, len(rollout), self.micro_batch_size):
-            rows = list(range(start, min(start + self.micro_batch_size, len(rollout))))
-            part = rollout.select(rows).to(device)
-            logprobs, _ = self.scorer(part, with_entropy=False)
-            parts.append(torch.nn.functional.pad(logprobs, (0, rollout.completion_mask.shape[1] - logprobs.shape[1])))
-        return torch.cat(parts).to(rollout.input_ids.device)  # (B, T)
-
-    @torch.no_grad()
-    def logits(self, rollout: Rollout, vocab_size: int | None = None) -> torch.Tensor:
-        device = next(self.scorer.parameters()).device
-        logits = self.scorer(rollout.to(device), return_logits=True)
-        return (logits if vocab_size is None else logits[..., :vocab_size]).to(rollout.input_ids.device)

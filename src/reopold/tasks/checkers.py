@@ -8,8 +8,9 @@ imported only when a math checker is built.
 
 from __future__ import annotations
 
-import difflib
 from typing import Protocol
+
+from reopold.registry import unknown_name
 
 CHECKERS = ("exact", "math")
 MATH_INSTALL_HINT = "the math checker needs math-verify: pip install 'reopold[math]' (or pip install math-verify)"
@@ -87,6 +88,4 @@ def build_checker(name: str, task) -> Checker:
         return TaskChecker(task)
     if name == "math":
         return MathChecker()
-    close = difflib.get_close_matches(name, CHECKERS, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown checker {name!r}; valid names: {', '.join(CHECKERS)}.{hint}")
+    raise ValueError(unknown_name("checker", name, CHECKERS))

@@ -6,8 +6,8 @@ Two backends, chosen by constructor:
     VLLMRolloutEngine.offline(model_path, tokenizer, ...)  a colocated ``vllm.LLM`` in this process (one GPU, TP=1)
     VLLMRolloutEngine.server(base_url, tokenizer, ...)     a separate server driven by TRL's ``VLLMClient``
 
-vLLM and TRL are imported only inside this module's constructors, so ``import reopold.vllm_engine`` works without
-them. vLLM is CUDA-only and pins its own torch/transformers (FINDINGS: vLLM 0.33 pins torch 2.14 and
+vLLM and TRL are imported only inside this module's constructors, so ``import reopold.rollout.vllm`` works without
+them. vLLM pins its own torch/transformers (vLLM 0.33 pins torch 2.14 and
 transformers < 5.21), so it lives in a separate environment from the CPU stack: ``pip install 'reopold[vllm]'``.
 
 What was checked, and where (read, not run: no GPU and no vLLM install on the machine this was written on; the
@@ -56,7 +56,7 @@ from functools import partial
 
 import torch
 
-from reopold.rollout import Rollout, build_rollout
+from reopold.rollout.batch import Rollout, build_rollout
 
 INSTALL_HINT = "pip install 'reopold[vllm]' (vLLM needs an NVIDIA GPU and CUDA)"
 

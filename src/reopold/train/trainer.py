@@ -13,14 +13,22 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from reopold.algorithms import ScoredRollout, Shaped
-from reopold.checkpoint import save_checkpoint
-from reopold.distributed import (
+from reopold.errors import TeacherUnavailable, TrainingStopped
+from reopold.evaluation.heldout import evaluate
+from reopold.rollout import Rollout
+from reopold.rollout.batch import RolloutEngine
+from reopold.tasks import Task
+from reopold.teacher import Teacher
+from reopold.train.algorithms import Algorithm, ScoredRollout, Shaped
+from reopold.train.checkpoint import save_checkpoint
+from reopold.train.distributed import (
     deepspeed_stage,
     end_of_update,
     full_model_state,
@@ -28,13 +36,6 @@ from reopold.distributed import (
     optimizer_state,
     sharding,
 )
-from reopold.evaluation import evaluate
-from reopold.remote_teacher import TeacherUnavailable
-from reopold.rollout import Rollout
-
-
-class TrainingStopped(RuntimeError):
-    """Training cannot go on (e.g. repeated NaN losses); a checkpoint was written first."""
 
 
 @dataclass
@@ -46,31 +47,56 @@ class TrainState:
     bad_in_a_row: int = 0
 
 
+@dataclass
+class Student:
+    """The student in the forms the loop needs."""
+
+    policy: torch.nn.Module  # TokenScorer around the model, prepared (DDP, FSDP, DeepSpeed) by accelerate
+    model: torch.nn.Module  # the plain HF (or PEFT) model inside it: train/eval mode, save_pretrained
+    generator: Any  # what generates rollouts and evaluations: the model, or a ShardedLM gathering its shards
+    tokenizer: Any
+    encode: Callable[[str], list[int]]  # prompt text -> ids (chat template applied when configured)
+
+
+@dataclass
+class Backends:
+    """The injected stages: who samples, who grades, what is asked."""
+
+    engine: RolloutEngine  # the student's sampler
+    teacher: Teacher
+    task: Task
+    teacher_engine: RolloutEngine | None = None  # the teacher's sampler (SFT on teacher samples)
+
+
+@dataclass
+class Prompts:
+    sampler: Any  # PromptSampler: the step's prompts, a function of (seed, step) only
+    eval_problems: list
+
+
+@dataclass
+class Optimization:
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # torch LR scheduler, stepped once per update
+
+
 class Trainer:
-    def __init__(self, config, run_dir: Path, *, accelerator, policy, student, tokenizer, teacher, engine,
-                 teacher_engine, task, sampler, eval_problems, encode, algorithm, logger, optimizer, scheduler,
-                 generator=None):
+    def __init__(self, config, run_dir: Path, *, accelerator, student: Student, backends: Backends, prompts: Prompts,
+                 optimization: Optimization, algorithm: Algorithm, logger):
         self.config = config
         self.run_dir = run_dir
         self.accelerator = accelerator
-        self.policy = policy  # TokenScorer around the student, prepared (DDP, FSDP, DeepSpeed) by accelerate
-        self.student = student  # the plain HF model inside it: generate, save_pretrained
+        self.policy, self.student, self.generator = student.policy, student.model, student.generator
+        self.tokenizer, self.encode = student.tokenizer, student.encode
         # FSDP2, ZeRO-3: no rank holds the full student; generation, evaluation and saving gather it on every rank.
         self.sharded = sharding(accelerator) is not None
-        self.generator = generator if generator is not None else student  # a ShardedLM when sharded
         self.deepspeed = deepspeed_stage(accelerator) is not None  # the engine steps inside backward
-        self.tokenizer = tokenizer
-        self.teacher = teacher
-        self.task = task
-        self.sampler = sampler
-        self.eval_problems = eval_problems
-        self.encode = encode
+        self.engine, self.teacher, self.task = backends.engine, backends.teacher, backends.task
+        self.teacher_engine = backends.teacher_engine
+        self.sampler, self.eval_problems = prompts.sampler, prompts.eval_problems
+        self.optimizer, self.scheduler = optimization.optimizer, optimization.scheduler
         self.algorithm = algorithm
         self.logger = logger
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.engine = engine  # the student's sampler
-        self.teacher_engine = teacher_engine
         self.state = TrainState()
         self.last_eval: dict = {}
 
@@ -117,25 +143,32 @@ class Trainer:
             order = torch.randperm(prompts, generator=order_rng)
             for start in range(0, prompts, per_update):
                 rows = (order[start : start + per_update, None] * n + torch.arange(n)).flatten().tolist()
-                num_tokens = accelerator.reduce(shaped.keep[rows].sum().float(), "sum")
-                total, clip = 0.0, []
-                chunks = self._chunks(rows)
-                for i, micro_rows in enumerate(chunks):
+                micro_batches = []
+                for micro_rows in self._chunks(rows):
                     micro = scored.select(micro_rows)
-                    micro_shaped = shaped.select(micro_rows, micro.rollout.completion_mask.shape[1])
+                    micro_batches.append((micro, shaped.select(micro_rows, micro.rollout.completion_mask.shape[1])))
+                with accelerator.autocast():
+                    micro_batches = self.algorithm.prepare_update(self.policy, micro_batches)
+                kept = sum(part.keep.sum() for _, part in micro_batches)
+                num_tokens = accelerator.reduce(torch.as_tensor(kept, device=accelerator.device).float(), "sum")
+                # Detached sums, read once per update: no device sync per micro-batch.
+                total = torch.zeros((), device=accelerator.device)
+                clip = torch.zeros((), device=accelerator.device)
+                for i, (micro, micro_shaped) in enumerate(micro_batches):
                     with accelerator.autocast():
                         loss, metrics = self.algorithm.loss(self.policy, self.teacher, micro, micro_shaped,
                                                             num_tokens)
                     if self.deepspeed:
-                        end_of_update(accelerator, i == len(chunks) - 1)
+                        end_of_update(accelerator, i == len(micro_batches) - 1)
                     # Losses are normalised by the global token count: undo DDP's (and DeepSpeed's) average over
                     # ranks, and the division by accumulation steps that accelerate (or the engine) applies.
                     accelerator.backward(loss * accelerator.num_processes * accelerator.gradient_accumulation_steps)
-                    total += loss.item()
-                    clip.append(metrics.get("clip_frac", torch.tensor(0.0)).item())
+                    total = total + loss.detach().float()
+                    clip = clip + metrics.get("clip_frac", torch.zeros(())).detach().float().to(clip.device)
                 grad_norm = self._clip_gradients()  # DeepSpeed: the norm of the step its engine just took
                 if accelerator.num_processes > 1:  # each rank holds its share of the globally normalised loss
-                    total = float(accelerator.reduce(torch.tensor(total, device=accelerator.device), "sum"))
+                    total = accelerator.reduce(total, "sum")
+                total = float(total)
                 if self.deepspeed and not (math.isfinite(total) and math.isfinite(grad_norm)):
                     raise TrainingStopped(
                         f"a NaN/inf loss or gradient at step {step + 1}: DeepSpeed applies the update inside "
@@ -152,7 +185,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 losses.append(total)
                 norms.append(grad_norm)
-                clip_fracs.append(sum(clip) / len(clip))
+                clip_fracs.append(float(clip) / len(micro_batches))
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
         return {"loss": mean(losses), "grad_norm": mean(norms), "clip_frac": mean(clip_fracs), "skipped": skipped}
 
@@ -167,47 +200,11 @@ class Trainer:
         bar = tqdm(total=config.run.steps, initial=state.step, disable=not (config.run.progress and is_main),
                    desc=f"{config.algo.name}", dynamic_ncols=True)
         while state.step < config.run.steps:
-            step = state.step
-            started = time.perf_counter()
-            torch.manual_seed(self._step_seed(step))
-            problems = self._local(self.sampler.batch(step))
-            rollout = self.rollout(problems)
-            rollout_done = time.perf_counter()
-            try:
-                scored, failure = self.score(rollout), None
-            except TeacherUnavailable as err:
-                scored, failure = None, err
-            if not self._all_ranks(failure is None):  # every rank stops together, after one checkpoint
-                self.save()
-                raise TrainingStopped(f"{failure or 'the teacher failed on another rank'} Stopped with a checkpoint "
-                                      f"of step {state.step} in {self.run_dir}; resume with: "
-                                      f"reopold train --resume {self.run_dir}")
-            score_done = time.perf_counter()
-            shaped = self.algorithm.shape(scored, step=step, gather=self._gather)
-            if self._all_ranks(scored.is_finite()):
-                update = self.update(scored, shaped, step)
-            else:  # NaN/inf log-probs (student or teacher): no update from this step
-                update = {"loss": float("nan"), "grad_norm": float("nan"), "clip_frac": float("nan"), "skipped": True}
-            if hasattr(self.engine, "sync_weights"):
-                self.engine.sync_weights(self.student)  # the next rollout samples from the updated student
-            finished = time.perf_counter()
-
-            state.step += 1
-            state.samples += len(rollout) * self.accelerator.num_processes
-            state.elapsed += finished - started
-            state.skipped_steps += update["skipped"]
-            state.bad_in_a_row = state.bad_in_a_row + 1 if update["skipped"] else 0
-            record = {
-                "kind": "train", "step": state.step, "samples": state.samples, "time": state.elapsed,
-                "lr": self.scheduler.get_last_lr()[0], **shaped.metrics, **update,
-                "skipped_steps": state.skipped_steps, "rollout_seconds": rollout_done - started,
-                "score_seconds": score_done - rollout_done, "update_seconds": finished - score_done,
-            }  # fmt: skip
+            record = self.train_step(state.step)
             if is_main:
                 self.logger.log(record)
             bar.update(1)
             bar.set_postfix(self._postfix(record), refresh=False)
-
             if state.bad_in_a_row >= config.run.max_bad_steps:
                 self.save()
                 raise TrainingStopped(
@@ -222,6 +219,43 @@ class Trainer:
                 self.save()
         bar.close()
         return state
+
+    def train_step(self, step: int) -> dict:
+        """One rollout step: rollout -> score -> shape -> update -> weight sync; returns its metrics record."""
+        state = self.state
+        started = time.perf_counter()
+        torch.manual_seed(self._step_seed(step))
+        rollout = self.rollout(self._local(self.sampler.batch(step)))
+        rollout_done = time.perf_counter()
+        try:
+            scored, failure = self.score(rollout), None
+        except TeacherUnavailable as err:
+            scored, failure = None, err
+        if not self._all_ranks(failure is None):  # every rank stops together, after one checkpoint
+            self.save()
+            raise TrainingStopped(f"{failure or 'the teacher failed on another rank'} Stopped with a checkpoint "
+                                  f"of step {state.step} in {self.run_dir}; resume with: "
+                                  f"reopold train --resume {self.run_dir}")
+        score_done = time.perf_counter()
+        shaped = self.algorithm.shape(scored, step=step, gather=self._gather)
+        if self._all_ranks(scored.is_finite()):
+            update = self.update(scored, shaped, step)
+        else:  # NaN/inf log-probs (student or teacher): no update from this step
+            update = {"loss": float("nan"), "grad_norm": float("nan"), "clip_frac": float("nan"), "skipped": True}
+        self.engine.sync_weights(self.generator)  # the next rollout samples from the updated student
+        finished = time.perf_counter()
+
+        state.step += 1
+        state.samples += len(rollout) * self.accelerator.num_processes
+        state.elapsed += finished - started
+        state.skipped_steps += update["skipped"]
+        state.bad_in_a_row = state.bad_in_a_row + 1 if update["skipped"] else 0
+        return {
+            "kind": "train", "step": state.step, "samples": state.samples, "time": state.elapsed,
+            "lr": self.scheduler.get_last_lr()[0], **shaped.metrics, **update,
+            "skipped_steps": state.skipped_steps, "rollout_seconds": rollout_done - started,
+            "score_seconds": score_done - rollout_done, "update_seconds": finished - score_done,
+        }  # fmt: skip
 
     def evaluate_and_log(self) -> dict:
         """Greedy accuracy and the reverse KL on the held-out problems, logged by the main rank. A sharded student

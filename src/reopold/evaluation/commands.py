@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 COMMANDS = ("eval", "scaling")
@@ -75,8 +74,8 @@ def add_commands(subparsers) -> None:
 
 def resolve_model_path(name: str) -> str:
     """A loadable model path or hub name: the latest checkpoint of a run folder, a demo alias, a local folder."""
-    from reopold.checkpoint import checkpoint_root, latest_checkpoint
-    from reopold.models import resolve_model
+    from reopold.models.loading import resolve_model
+    from reopold.train.checkpoint import checkpoint_root, latest_checkpoint
 
     folder = Path(name).expanduser()
     if checkpoint_root(folder).is_dir() and not (folder / "config.json").exists():
@@ -95,7 +94,7 @@ def load_problems(args, default_count: int | None) -> tuple[list, object]:
     if args.problems is None:
         task = get_task(args.task, digits=tuple(args.digits))
         return task.problems(args.split, args.num_problems or default_count or 200), task
-    from reopold.data import PromptTask, load_records
+    from reopold.tasks.prompts import PromptTask, load_records
 
     records = load_records(args.problems, prompt_key=args.prompt_key)
     for row, record in enumerate(records, start=1):
@@ -110,7 +109,7 @@ def load_problems(args, default_count: int | None) -> tuple[list, object]:
 
 def _checked_common(args, default_count: int | None) -> tuple[list, object, object, int]:
     """(problems, task, checker, max_new_tokens) after validating everything that needs no model."""
-    from reopold.checkers import build_checker
+    from reopold.tasks.checkers import build_checker
 
     if args.num_problems is not None and args.num_problems < 1:
         raise ValueError(f"--num-problems must be at least 1, got {args.num_problems}")
@@ -133,8 +132,8 @@ def _device_and_dtype(args) -> tuple[str, str]:
 
 
 def _load(path: str, args, device: str, dtype: str):
-    from reopold.data import PromptEncoder
-    from reopold.models import load_model, load_tokenizer
+    from reopold.models.loading import load_model, load_tokenizer
+    from reopold.tasks.prompts import PromptEncoder
 
     tokenizer = load_tokenizer(path)
     encode = PromptEncoder(tokenizer, args.chat_template)
@@ -150,8 +149,8 @@ def default_ks(n: int) -> list[int]:
 def run_eval(args) -> Path:
     import torch
 
-    from reopold.evaluation import sample_and_grade
-    from reopold.sampling_metrics import check_k, summarize
+    from reopold.evaluation.heldout import sample_and_grade
+    from reopold.evaluation.metrics import check_k, summarize
 
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
@@ -218,7 +217,7 @@ def _model_specs(specs: list[str]) -> list[tuple[str, str]]:
 
 
 def run_scaling(args) -> Path:
-    from reopold.scaling import ScalingModel, measure_scaling, plot_scaling, results_to_json, scaling_table
+    from reopold.evaluation.scaling import ScalingModel, measure_scaling, plot_scaling, results_to_json, scaling_table
 
     if args.ks != sorted(set(args.ks)) or args.ks[0] < 1:
         raise ValueError(f"--ks must be increasing positive integers, got {args.ks}")
@@ -259,12 +258,7 @@ def _device_name(device: str) -> str:
 
 
 def run_command(args) -> int:
-    """Run ``reopold eval`` or ``reopold scaling``; 2 with one ``reopold: error:`` line on bad input."""
-    try:
-        out = run_eval(args) if args.command == "eval" else run_scaling(args)
-    except (ValueError, FileNotFoundError, ImportError, OSError, KeyError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"reopold: error: {message}", file=sys.stderr)
-        return 2
+    """Run ``reopold eval`` or ``reopold scaling``; bad input raises (cli.main: one line, exit code 2)."""
+    out = run_eval(args) if args.command == "eval" else run_scaling(args)
     print(f"done: {out}")
     return 0

@@ -1,7 +1,7 @@
 """``reopold serve-teacher MODEL --port P``: any Hugging Face causal LM behind the part of vLLM's OpenAI-compatible
 API that RemoteTeacher uses, on CPU or GPU, with nothing but the standard library's HTTP server.
 
-Endpoints (request and response fields as vLLM names them; see reopold.remote_teacher for the vLLM sources):
+Endpoints (request and response fields as vLLM names them; see reopold.teacher.remote for the vLLM sources):
 
     POST /v1/completions  token-id prompts, ``echo: true``, ``max_tokens: 0``, ``prompt_logprobs: 0``: each choice's
                           ``prompt_logprobs`` is ``[null, {"<id>": {"logprob", "rank": null, "decoded_token": null}},
@@ -19,7 +19,6 @@ it behind something that adds them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import threading
@@ -30,9 +29,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from reopold.models import DTYPES
+from reopold.models.scorer import TokenScorer
 from reopold.rollout import Rollout
-from reopold.scoring import TokenScorer
 
 MAX_BODY_BYTES = 256 * 2**20  # a request larger than this is refused (413) before it is read
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -235,7 +233,7 @@ def build_server(model: str, host: str = "127.0.0.1", port: int = 8000, *, dtype
                  log_requests: bool = True) -> TeacherHTTPServer:
     """Bind ``host:port`` (0: any free port, see ``server.server_address``), then load the model; the caller runs
     ``serve_forever`` (in a thread, for tests) and ``shutdown`` + ``server_close`` to stop."""
-    from reopold.models import load_model, load_tokenizer
+    from reopold.models.loading import load_model, load_tokenizer
 
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1; got {micro_batch_size}")
@@ -269,32 +267,3 @@ def serve_teacher(model: str, host: str = "127.0.0.1", port: int = 8000, **optio
         pass
     finally:
         server.server_close()
-
-
-def add_command(subparsers) -> argparse.ArgumentParser:
-    """Register ``reopold serve-teacher`` on the CLI's subparsers."""
-    parser = subparsers.add_parser(
-        "serve-teacher", help="host a teacher for teacher.url (the completions subset vLLM speaks)",
-        description="Serve a Hugging Face causal LM as a remote teacher: POST /v1/completions with prompt_logprobs, "
-        "POST /tokenize, GET /v1/models, GET /health. Point training at it with --teacher.url http://HOST:PORT.",
-    )  # fmt: skip
-    parser.add_argument("model", metavar="MODEL", help="Hugging Face model name or local directory (or demo-teacher)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine "
-                        "only; 0.0.0.0 for every interface: there is no authentication, so private networks only)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights dtype (bfloat16 on GPU)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--served-model-name", default=None, help="the name clients send as 'model' (default: MODEL)")
-    parser.add_argument("--micro-batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
-    return parser
-
-
-def run_command(args: argparse.Namespace) -> int:
-    """Run ``reopold serve-teacher`` from parsed arguments; the process exit code."""
-    try:
-        serve_teacher(args.model, args.host, args.port, dtype=args.dtype, device=args.device,
-                      served_model_name=args.served_model_name, micro_batch_size=args.micro_batch_size)
-    except (OSError, ValueError) as err:  # FileNotFoundError is an OSError
-        print(f"reopold: error: {err}", file=sys.stderr)
-        return 2
-    return 0

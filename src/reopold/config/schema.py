@@ -1,18 +1,17 @@
 """The configuration of ``reopold train``: one dataclass tree, every field with a default and a help string.
 
-Field defaults are the paper's math-1.5B recipe (SPEC section 6, Table 7). ``reopold train`` without ``--config``
+Field defaults are the paper's math-1.5B recipe (Table 7). ``reopold train`` without ``--config``
 starts from the bundled demo config instead (``configs/demo.yaml``), which sizes the run for a CPU.
 """
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
-from reopold.config import ConfigError, option
+from reopold.config.loader import ConfigError, option
+from reopold.registry import ALGORITHMS, TASKS
 
-ALGORITHMS = ("reopold", "rkl", "rkl_sg", "grpo", "sft", "gkd")
-# What each on-policy distillation algorithm switches on (SPEC section 7); None in the config means "as the
+# What each on-policy distillation algorithm switches on (docs/algorithm.md); None in the config means "as the
 # algorithm says", so `algo.name=reopold algo.two_phase=false` is the ablation without the two phases.
 ALGORITHM_SWITCHES = {
     "reopold": {"stop_gradient": True, "reward_floor": True, "entropy_selection": True, "two_phase": True},
@@ -43,7 +42,7 @@ class TeacherConfig:
     model: str = option("demo-teacher", "teacher pi_T: a Hugging Face causal LM name or local path with the "
                         "student's vocabulary ('demo-teacher' is the bundled one)")
     dtype: str = option("float32", "weights dtype of the teacher", choices=("float32", "bfloat16", "float16"))
-    temperature: float = option(1.0, "temperature at which the teacher scores tokens (SPEC 2: default 1.0)")
+    temperature: float = option(1.0, "temperature at which the teacher scores tokens (1.0: the sampling one)")
     micro_batch_size: int = option(64, "responses per teacher forward pass (per request with teacher.url)")
     url: str | None = option(None, "score with a teacher server instead (vLLM or `reopold serve-teacher`), e.g. "
                              "http://127.0.0.1:8000; teacher.model is then the served model name")
@@ -56,7 +55,8 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    task: str = option("arithmetic", "a bundled verifiable task ('arithmetic'), or 'prompts' to read data.prompts")
+    task: str = option("arithmetic", "a bundled verifiable task ('arithmetic'), 'prompts' to read data.prompts, or "
+                       "any registered with reopold.registry.TASKS", choices=TASKS.names)
     digits: list[int] = option([3, 2], "digits of the two factors of the arithmetic task")
     prompts: str | None = option(None, "JSONL file or dataset saved with save_to_disk, for data.task=prompts")
     prompt_key: str = option("prompt", "field holding the prompt text")
@@ -75,13 +75,17 @@ class DataConfig:
 
 @dataclass
 class AlgoConfig:
-    name: str = option("reopold", "objective: reopold, rkl, rkl_sg, grpo, sft or gkd (SPEC section 7)",
-                       choices=ALGORITHMS)
+    name: str = option("reopold", "objective: reopold, rkl, rkl_sg, grpo, sft, gkd, or any registered with "
+                       "reopold.registry.ALGORITHMS (docs/algorithm.md)", choices=ALGORITHMS.names)
     lam: float = option(0.3, "lam: mixture weight of the reward floor log(lam)/(1-lam) (Eq. 7)")
     beta: float = option(0.2, "beta: fraction of highest-entropy tokens kept in refinement (Eq. 8)")
     switch_step: int | None = option(None, "T_switch: first refinement step (Eq. 10); None = a third of run.steps")
     clip_eps: float = option(0.2, "eps of the PPO ratio clip (lower side)")
     clip_eps_high: float | None = option(None, "upper PPO ratio clip; None = clip_eps")
+    reward_policy: str = option("old", "which student log-probs grade R = log pi_T - log pi (Eq. 3): old (pi_old, "
+                                "fixed for every update of a rollout step) or current (the current policy, "
+                                "detached, per update); equal with one update per rollout (docs/algorithm.md)",
+                                choices=("old", "current"))  # reopold.core.REWARD_POLICIES (no torch here)
     stop_gradient: bool | None = option(None, "ablation: treat the reward as a constant, sg(R); None = algorithm's")
     reward_floor: bool | None = option(None, "ablation: clip rewards at the floor; None = algorithm's")
     entropy_selection: bool | None = option(None, "ablation: train only top-beta entropy tokens; None = algorithm's")
@@ -211,10 +215,6 @@ class TrainConfig:
                               "synced into vLLM); use rollout.engine=hf or full fine-tuning")
         if self.data.task == "prompts" and not self.data.prompts:
             raise ConfigError("data.task=prompts needs data.prompts: a JSONL file or a dataset saved on disk")
-        if self.data.task not in ("prompts", "arithmetic"):
-            close = difflib.get_close_matches(self.data.task, ["arithmetic", "prompts"], n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"data.task must be 'arithmetic' or 'prompts'; got '{self.data.task}'{hint}")
         if self.algo.switch_step is not None and self.algo.switch_step < 0:
             raise ConfigError(f"algo.switch_step must be >= 0 or None; got {self.algo.switch_step}")
         if self.run.eval_every < 0:

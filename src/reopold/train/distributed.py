@@ -26,7 +26,7 @@ from contextlib import contextmanager
 
 import torch
 
-from reopold.config import ConfigError
+from reopold.config.loader import ConfigError
 
 
 def deepspeed_stage(accelerator) -> int | None:

@@ -1,36 +1,6 @@
-"""A teacher behind an HTTP server: vLLM's OpenAI-compatible server (``vllm serve``) or ``reopold serve-teacher``.
-
-REOPOLD needs from the teacher only log pi_T(o_t | x, o_<t) of each token the student sampled. The completions API
-gives exactly that when the whole sequence (prompt + response, padding removed) is sent as the *prompt* and the
-server is asked for prompt log-probs without generating anything.
-
-What is sent and read, checked against vLLM's source (vllm-project/vllm; read for the field names only):
-
-POST {base_url}/v1/completions, fields of ``CompletionRequest`` in vllm/entrypoints/openai/completion/protocol.py
-(commit 002032ee2b18):
-    model              the served model name (``--served-model-name``, default the model path given to the server)
-    prompt             list[list[int]]: one token-id list per response, so a request carries a batch
-    echo: true, max_tokens: 0
-                       "echo without generation" (``to_sampling_params``: ``echo and max_tokens == 0``): the prompt
-                       is scored and no token is returned. (max_tokens=0 without echo fails: SamplingParams wants
-                       max_tokens >= 1.)
-    prompt_logprobs: 0 vLLM extra parameter: per prompt token, its own log-prob and 0 further top tokens
-    temperature: 1.0, top_p: 1.0, top_k: -1
-                       the V1 engine's default ``--logprobs-mode raw_logprobs`` returns log_softmax of the raw
-                       logits whatever these are (vllm/v1/sample/sampler.py); they are sent so that a server that
-                       post-processes log-probs, or applies a sampling default from generation_config.json, still
-                       returns temperature-1 log-probs. Remote teachers therefore score at temperature 1 only.
-
-Response: ``choices[i]`` answers ``prompt[i]`` (completion/serving.py builds choices in prompt order with
-``index=len(choices)``); ``choices[i].prompt_logprobs`` is ``list[dict[int, Logprob] | None]``
-(``CompletionResponseChoice``): entry 0 is null (the first token has no context), entry j >= 1 maps the token id,
-a JSON string key, to a ``Logprob`` object ``{"logprob": float, "rank": int | null, "decoded_token": str | null}``
-(vllm/logprobs.py). vLLM writes a -inf log-prob as -9999.0 (``clamp_prompt_logprobs``).
-
-POST {base_url}/tokenize (vLLM's Tokenizer API, docs/serving/openai_compatible_server.md; no /v1 prefix):
-``TokenizeCompletionRequest {model, prompt: str, add_special_tokens}`` -> ``TokenizeResponse {count,
-max_model_len, tokens: list[int], token_strs}``; used by the pre-flight tokenizer check.
-"""
+"""A teacher behind an HTTP server (vLLM's OpenAI-compatible server or ``reopold serve-teacher``): log pi_T of each
+sampled token from the completions API's prompt log-probs, with retries and a clean stop (docs/remote_teacher.md
+lists the exact fields sent and read)."""
 
 from __future__ import annotations
 
@@ -43,7 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-from reopold.rollout import Rollout
+from reopold.rollout.batch import Rollout
+from reopold.teacher import TeacherUnavailable
 
 # Digits, operators, spaces, accents, CJK, an emoji, a tab and a newline: the places where tokenizers of one
 # family drift apart (normalisation, byte fallback, whitespace handling).
@@ -52,13 +23,8 @@ MAX_DELAY = 60.0  # seconds: the longest wait between two attempts
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}  # HTTP codes worth retrying: timeouts, overload, a restarting server
 
 
-class TeacherUnavailable(RuntimeError):
-    """The teacher server cannot score: it did not answer after every retry, refused a request, or answered with
-    something other than prompt log-probs. Training should checkpoint and stop (see docs/remote_teacher.md)."""
-
-
 class RemoteTeacher:
-    """The Teacher protocol (reopold.scoring) over HTTP: batched, with a timeout and retries with exponential backoff.
+    """The Teacher Protocol (reopold.teacher) over HTTP: batched, with a timeout and retries with exponential backoff.
 
     Args:
         base_url: the server's root, e.g. ``http://gpu-box:8000`` (a trailing ``/v1`` is accepted and dropped).

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from reopold.checkers import Checker, TaskChecker
-from reopold.remote_teacher import TeacherUnavailable
+from reopold.models.scorer import TokenScorer
 from reopold.rollout import HFRolloutEngine
-from reopold.scoring import TokenScorer
+from reopold.tasks.checkers import Checker, TaskChecker
+from reopold.teacher import TeacherUnavailable
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,22 @@
-"""The objectives the trainer can run, behind one interface, in a name -> class registry.
+"""The objectives the trainer runs, behind the Algorithm Protocol; ``reopold.registry.ALGORITHMS`` maps names to
+the factories at the bottom of this file.
 
 Each algorithm says where its responses come from (the student, or the teacher for SFT), shapes a scored rollout
-once per step (rewards, keep masks, thresholds: fixed for every update of that step), and gives the loss of a
-micro-batch. All the math is in ``reopold.core``; this module only wires it to the trainer's tensors.
+once per step (``reopold.core``'s shaping stage: rewards, keep masks, the entropy threshold over every rank), may
+re-shape a mini-batch before an update, and gives the loss of a micro-batch (``reopold.core``'s losses). All the
+math is in ``reopold.core``; this module only wires it to the trainer's tensors.
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import torch
 
 from reopold import core
+from reopold.registry import ALGORITHMS
 from reopold.rollout import Rollout
 
 REWARD_HIST_EDGES = [-12.0 + 0.5 * i for i in range(29)]  # fixed edges so histograms add up across steps
@@ -48,12 +51,36 @@ class Shaped:
     """What the updates of one step train on."""
 
     keep: torch.Tensor  # (B, T) bool, tokens whose loss counts
-    advantages: torch.Tensor | None = None  # (B, T) fixed advantages; None when the loss recomputes them
+    advantages: torch.Tensor | None = None  # (B, T) fixed advantages; None when each update recomputes them
     metrics: dict = field(default_factory=dict)
+    phase: str = "refinement"  # the step's phase (Eq. 9/10)
+    threshold: torch.Tensor | None = None  # the step's tau_beta over every rank, when the mask is entropy-based
 
     def select(self, rows: list[int], width: int) -> Shaped:
         adv = None if self.advantages is None else self.advantages[rows, :width]
         return replace(self, keep=self.keep[rows, :width], advantages=adv)
+
+MicroBatches = list[tuple[ScoredRollout, Shaped]]  # one update's micro-batches
+
+
+class Algorithm(Protocol):
+    """What the trainer needs from an objective (see the classes below for the built-in ones)."""
+
+    rollout_source: str  # "student" (on-policy) or "teacher" (SFT on teacher samples)
+    needs_teacher_logprobs: bool  # whether scoring asks the teacher for log pi_T of the sampled tokens
+
+    def shape(self, scored: ScoredRollout, *, step: int, gather: Gather) -> Shaped:
+        """Once per rollout step, over the whole batch: keep masks, advantages and the step's metrics."""
+        ...
+
+    def prepare_update(self, policy, micro_batches: MicroBatches) -> MicroBatches:
+        """Before an update: re-shape its micro-batches under the current policy where the objective asks for it
+        (the kept-token count of the update is read from the result)."""
+        ...
+
+    def loss(self, policy, teacher, micro: ScoredRollout, shaped: Shaped, num_tokens: torch.Tensor):
+        """(loss, metrics) of one micro-batch, normalised by the update's global kept-token count."""
+        ...
 
 
 Gather = Callable[[torch.Tensor], torch.Tensor]  # 1-D local values -> the same from every rank, concatenated
@@ -80,12 +107,15 @@ def _reward_histogram(rewards: torch.Tensor) -> dict:
 
 
 class Distillation:
-    """REOPOLD and its baselines rkl / rkl_sg, with the four ablation switches of SPEC section 7.
+    """REOPOLD and its baselines rkl / rkl_sg, with the four ablation switches of the paper's ablation.
 
-    Shape: R = log pi_T - log pi_old (Eq. 3), the keep mask of the step's phase (Eq. 9/10, threshold over the whole
-    rollout batch of all ranks) and R_hat = max(R, floor) (Eq. 7). With stop-gradient the advantages are fixed
-    for the step, like PPO's; without it (vanilla RKL) R is recomputed from the current policy in the loss, so its
-    gradient flows.
+    Shape (once per step): R = log pi_T - log pi_old (Eq. 3), the keep mask of the step's phase (Eq. 9/10, tau_beta
+    over the whole rollout batch of all ranks) and R_hat = max(R, floor) (Eq. 7), by ``core.distillation_shaping``.
+    With ``reward_policy="old"`` and stop-gradient these are fixed for every update of the step, like PPO's
+    advantages. With ``reward_policy="current"``, or without stop-gradient (vanilla RKL, whose R carries the
+    gradient), each update re-grades R under the current policy (``core.reward_logprobs``); the step's threshold
+    stays, and an exploration mask (which depends on R) is recomputed before the update so its kept-token count is
+    known before any backward pass.
     """
 
     rollout_source = "student"
@@ -96,40 +126,59 @@ class Distillation:
         self.switches = algo.switches()
         self.switch_step = switch_step if self.switches["two_phase"] else 0
         self.floor = core.reward_floor(algo.lam)
+        self.per_update = algo.reward_policy == "current" or not self.switches["stop_gradient"]
+
+    def _shaping(self, student_logprobs, micro: ScoredRollout, phase: str, threshold) -> core.Shaping:
+        return core.distillation_shaping(
+            student_logprobs, micro.teacher_logprobs, micro.entropy, micro.rollout.completion_mask, phase=phase,
+            lam=self.algo.lam, beta=self.algo.beta, threshold=threshold,
+            stop_gradient=self.switches["stop_gradient"], reward_floor=self.switches["reward_floor"],
+            entropy_selection=self.switches["entropy_selection"],
+        )  # fmt: skip
 
     def shape(self, scored: ScoredRollout, *, step: int, gather: Gather) -> Shaped:
         mask = scored.rollout.completion_mask
-        rewards = core.token_rewards(scored.old_logprobs, scored.teacher_logprobs)  # (B, T)
         phase = core.phase_at(step, self.switch_step)
         threshold = None
         all_entropy = gather(scored.entropy[mask])  # valid entropies of every rank: the threshold and the metrics
         if phase == "refinement" and self.switches["entropy_selection"]:
             threshold = core.entropy_threshold(all_entropy, torch.ones_like(all_entropy, dtype=torch.bool),
                                                beta=self.algo.beta)
-        keep = core.keep_mask(rewards, scored.entropy, mask, phase=phase, floor=self.floor, threshold=threshold)
-        floor = self.floor if self.switches["reward_floor"] else None
-        advantages = core.clipped_rewards(rewards, floor) if self.switches["stop_gradient"] else None
-        all_rewards = gather(rewards[mask].float())  # valid token rewards of every rank
+        shaping = self._shaping(scored.old_logprobs, scored, phase, threshold)
+        all_rewards = gather(shaping.rewards[mask].float())  # valid token rewards of every rank
         metrics = {
             "phase": phase,
             "floor": self.floor,
             "reward_mean": all_rewards.mean(),
             "below_floor_frac": (all_rewards < self.floor).float().mean(),
-            "kept_frac": gather(keep[mask].float()).mean(),
+            "kept_frac": gather(shaping.keep_mask[mask].float()).mean(),
             "threshold": float("nan") if threshold is None else threshold,
             "reverse_kl": -all_rewards.mean(),
             "reward_hist": _reward_histogram(all_rewards),
             **_token_metrics(scored, gather, all_entropy),
         }
-        return Shaped(keep=keep, advantages=advantages, metrics=metrics)
+        advantages = None if self.per_update else shaping.advantages
+        return Shaped(keep=shaping.keep_mask, advantages=advantages, metrics=metrics, phase=phase, threshold=threshold)
+
+    @torch.no_grad()
+    def prepare_update(self, policy, micro_batches: MicroBatches) -> MicroBatches:
+        if not (self.per_update and micro_batches and micro_batches[0][1].phase == "exploration"):
+            return micro_batches  # the step's mask holds: it depends on the entropy only, or R is pi_old's
+        out = []
+        for micro, shaped in micro_batches:  # the exploration mask 1[R >= floor] under the current policy
+            logprobs, _ = policy(micro.rollout, with_entropy=False)
+            graded = core.reward_logprobs(logprobs, micro.old_logprobs, reward_policy="current",
+                                          stop_gradient=self.switches["stop_gradient"])
+            out.append((micro, replace(shaped, keep=self._shaping(graded, micro, shaped.phase, None).keep_mask)))
+        return out
 
     def loss(self, policy, teacher, micro: ScoredRollout, shaped: Shaped, num_tokens: torch.Tensor):
         logprobs, _ = policy(micro.rollout, with_entropy=False)
         advantages = shaped.advantages
-        if advantages is None:  # no stop-gradient: R carries the gradient of -log pi_theta
-            floor = self.floor if self.switches["reward_floor"] else None
-            rewards = core.token_rewards(logprobs, micro.teacher_logprobs, stop_gradient=False)
-            advantages = core.clipped_rewards(rewards, floor)
+        if advantages is None:  # re-graded under the current policy (with R's gradient when there is no sg)
+            graded = core.reward_logprobs(logprobs, micro.old_logprobs, reward_policy="current",
+                                          stop_gradient=self.switches["stop_gradient"])
+            advantages = self._shaping(graded, micro, shaped.phase, shaped.threshold).advantages
         return core.policy_loss(logprobs, micro.old_logprobs, advantages, shaped.keep, clip_eps=self.algo.clip_eps,
                                 clip_eps_high=self.algo.clip_eps_high, num_tokens=num_tokens)
 
@@ -145,15 +194,18 @@ class GRPO:
         self.group_size = samples_per_prompt
 
     def shape(self, scored: ScoredRollout, *, step: int, gather: Gather) -> Shaped:
-        mask = scored.rollout.completion_mask
-        advantages = core.grpo_advantages(scored.sequence_rewards.float(), group_size=self.group_size)  # (B,)
+        shaping = core.grpo_shaping(scored.sequence_rewards, scored.rollout.completion_mask,
+                                    group_size=self.group_size)
         metrics = {"kept_frac": 1.0, **_token_metrics(scored, gather)}
         metrics["reward_mean"] = metrics["train_accuracy"]  # the outcome reward is the checker's verdict
-        return Shaped(keep=mask, advantages=advantages[:, None].expand_as(scored.old_logprobs), metrics=metrics)
+        return Shaped(keep=shaping.keep_mask, advantages=shaping.advantages, metrics=metrics)
+
+    def prepare_update(self, policy, micro_batches: MicroBatches) -> MicroBatches:
+        return micro_batches
 
     def loss(self, policy, teacher, micro: ScoredRollout, shaped: Shaped, num_tokens: torch.Tensor):
         logprobs, _ = policy(micro.rollout, with_entropy=False)
-        return core.policy_loss(logprobs, micro.old_logprobs, shaped.advantages, shaped.keep,
+        return core.policy_loss(logprobs, micro.old_logprobs, shaped.advantages.to(logprobs.dtype), shaped.keep,
                                 clip_eps=self.algo.clip_eps, clip_eps_high=self.algo.clip_eps_high,
                                 num_tokens=num_tokens)
 
@@ -171,6 +223,9 @@ class SFT:
         metrics = {"kept_frac": 1.0, **_token_metrics(scored, gather)}
         metrics["teacher_accuracy"] = metrics.pop("train_accuracy")
         return Shaped(keep=scored.rollout.completion_mask, metrics=metrics)
+
+    def prepare_update(self, policy, micro_batches: MicroBatches) -> MicroBatches:
+        return micro_batches
 
     def loss(self, policy, teacher, micro: ScoredRollout, shaped: Shaped, num_tokens: torch.Tensor):
         logprobs, _ = policy(micro.rollout, with_entropy=False)
@@ -191,6 +246,9 @@ class GKD:
     def shape(self, scored: ScoredRollout, *, step: int, gather: Gather) -> Shaped:
         return Shaped(keep=scored.rollout.completion_mask, metrics={"kept_frac": 1.0, **_token_metrics(scored, gather)})
 
+    def prepare_update(self, policy, micro_batches: MicroBatches) -> MicroBatches:
+        return micro_batches
+
     def loss(self, policy, teacher, micro: ScoredRollout, shaped: Shaped, num_tokens: torch.Tensor):
         student_logits = policy(micro.rollout, return_logits=True)[..., : self.vocab_size]
         teacher_logits = teacher.logits(micro.rollout, self.vocab_size)
@@ -199,28 +257,23 @@ class GKD:
                                          num_tokens=num_tokens)
 
 
-ALGORITHMS: dict[str, Callable] = {}
+# Factories ``(config, vocab_size) -> Algorithm``, registered by name in reopold.registry.ALGORITHMS.
+def build_distillation(config, vocab_size: int) -> Distillation:
+    return Distillation(config.algo, config.switch_step)
 
 
-def register(name: str, factory: Callable) -> None:
-    """Add an algorithm factory ``(config, vocab_size) -> algorithm``; names are unique."""
-    if name in ALGORITHMS:
-        raise ValueError(f"algorithm {name!r} is already registered")
-    ALGORITHMS[name] = factory
+def build_grpo(config, vocab_size: int) -> GRPO:
+    return GRPO(config.algo, config.rollout.samples_per_prompt)
 
 
-def build_algorithm(config, vocab_size: int):
-    """The algorithm of ``config.algo.name``; a typo lists the valid names and the nearest one."""
-    name = config.algo.name
-    if name not in ALGORITHMS:
-        close = difflib.get_close_matches(name, ALGORITHMS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(ALGORITHMS)}{hint}")
-    return ALGORITHMS[name](config, vocab_size)
+def build_sft(config, vocab_size: int) -> SFT:
+    return SFT(config.algo)
 
 
-for _name in ("reopold", "rkl", "rkl_sg"):
-    register(_name, lambda config, vocab_size: Distillation(config.algo, config.switch_step))
-register("grpo", lambda config, vocab_size: GRPO(config.algo, config.rollout.samples_per_prompt))
-register("sft", lambda config, vocab_size: SFT(config.algo))
-register("gkd", lambda config, vocab_size: GKD(config.algo, vocab_size, config.rollout.temperature))
+def build_gkd(config, vocab_size: int) -> GKD:
+    return GKD(config.algo, vocab_size, config.rollout.temperature)
+
+
+def build_algorithm(config, vocab_size: int) -> Algorithm:
+    """The algorithm registered as ``config.algo.name``."""
+    return ALGORITHMS.get(config.algo.name)(config, vocab_size)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import difflib
 import re
 import textwrap
 import types
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from reopold.registry import nearest
 
 __all__ = ["ConfigError", "option", "from_dict", "to_dict", "load_config", "save_config", "config_help",
            "check_schema", "add_arguments", "parse_overrides"]
@@ -58,7 +59,9 @@ class _UnknownKey(ConfigError):
 
 def option(default: Any, help: str, *, choices: Iterable[Any] | None = None) -> Any:
     """A dataclass field with a default and its help text; a dataclass class as default makes a section."""
-    metadata = {"help": help} if choices is None else {"help": help, "choices": tuple(choices)}
+    if choices is not None and not callable(choices):
+        choices = tuple(choices)
+    metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
     if isinstance(default, type) and dataclasses.is_dataclass(default):
         return dataclasses.field(default_factory=default, metadata=metadata)
     if isinstance(default, (list, dict, set)) or dataclasses.is_dataclass(default):
@@ -280,11 +283,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
-def _check_choices(f: dataclasses.Field, value: Any, key: str) -> Any:
+def _choices(f: dataclasses.Field) -> tuple | None:
+    """A field's allowed values; a callable (a registry's names) is read now, so later registrations count."""
     choices = f.metadata.get("choices")
+    return tuple(choices()) if callable(choices) else choices
+
+
+def _check_choices(f: dataclasses.Field, value: Any, key: str) -> Any:
+    choices = _choices(f)
     for item in value if isinstance(value, list) else [value]:
         if choices is not None and item not in choices:
-            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {item!r}")
+            close = nearest(str(item), map(str, choices))
+            hint = f"; did you mean {close!r}?" if close else ""
+            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {item!r}{hint}")
     return value
 
 
@@ -297,9 +308,9 @@ def _unknown_message(key: str, known: list[str]) -> str:
         by_leaf: dict[str, str] = {}
         for k in pool:
             by_leaf.setdefault(k.rpartition(".")[2], k)
-        close = difflib.get_close_matches(leaf, list(by_leaf), n=1)
+        close = nearest(leaf, by_leaf)
         if close:
-            return f"unknown key '{key}'; did you mean '{by_leaf[close[0]]}'?"
+            return f"unknown key '{key}'; did you mean '{by_leaf[close]}'?"
     valid = siblings or [k for k in known if "." not in k]
     return f"unknown key '{key}'; valid keys here: {', '.join(valid)}"
 
@@ -341,7 +352,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _metavar(tp: Any, f: dataclasses.Field) -> str:
-    choices = f.metadata.get("choices") or (get_args(tp) if get_origin(tp) is Literal else None)
+    choices = _choices(f) or (get_args(tp) if get_origin(tp) is Literal else None)
     return "{" + ",".join(map(str, choices)) + "}" if choices else _type_name(tp).upper().replace(" ", "")
 
 

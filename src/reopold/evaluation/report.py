@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure  # pyplot-free: no global backend or display, so Agg is used
 
-from reopold.tracking import METRICS_FILE, read_metrics
+from reopold.train.tracking import METRICS_FILE, read_metrics
 
 TRAIN_KEYS = ("reward_mean", "entropy_mean", "kept_frac", "below_floor_frac", "clip_frac", "grad_norm",
               "response_length")

@@ -1,0 +1,1 @@
+"""The sample-efficiency benchmark: planning and running the sweep, aggregating its runs, tables and plots."""

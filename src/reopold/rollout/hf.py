@@ -1,0 +1,59 @@
+"""The default sampler: Hugging Face ``generate`` with a KV cache, on the trained model itself (also the CPU path)."""
+
+from __future__ import annotations
+
+import torch
+
+from reopold.rollout.batch import Rollout, completion_mask_from
+
+
+class HFRolloutEngine:
+    """Samples with ``model.generate`` (KV cache) at ``temperature`` from the model's full distribution.
+
+    top-k and top-p are switched off on purpose: the student's log-probs are taken from softmax(logits / T), so the
+    sampler must draw from exactly that distribution (a model's generation_config often sets top_k=50).
+    """
+
+    def __init__(self, model, tokenizer, *, max_new_tokens: int, temperature: float = 1.0, do_sample: bool = True):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.do_sample = do_sample
+
+    def sync_weights(self, model) -> None:
+        """Nothing to copy: ``generate`` runs on the model the trainer updates."""
+        self.model = model
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], problems: list, *, num_samples: int = 1) -> Rollout:
+        from transformers import GenerationConfig
+
+        tokenizer = self.tokenizer
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompt_ids)
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompt_ids], device=device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
+        sampling = {"temperature": self.temperature, "top_k": 0, "top_p": 1.0} if self.do_sample else {}
+        config = GenerationConfig(
+            do_sample=self.do_sample, max_new_tokens=self.max_new_tokens, num_return_sequences=num_samples,
+            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, use_cache=True, **sampling,
+        )  # fmt: skip
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
+        self.model.train(was_training)
+        completion = out[:, width:]  # (B * n, T)
+        mask = completion_mask_from(completion, tokenizer.eos_token_id)
+        completion = torch.where(mask, completion, torch.full_like(completion, pad))
+        rows = torch.arange(len(prompt_ids), device=device).repeat_interleave(num_samples)
+        rollout = Rollout(
+            input_ids=torch.cat([input_ids[rows], completion], dim=1),
+            attention_mask=torch.cat([attention[rows], mask.long()], dim=1),
+            completion_mask=mask,
+            prompt_length=width,
+            problems=[problems[i] for i in rows.tolist()],
+            texts=tokenizer.batch_decode(completion, skip_special_tokens=True),
+        )
+        return rollout

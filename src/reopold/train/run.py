@@ -1,0 +1,275 @@
+"""A training run from a config, as a short sequence of named builders: accelerator, run folder, prompts, models,
+teacher, optimizer, resume, logger, engine, then the trainer.
+
+Cheap checks come first (config, paths, prompt files, the run folder, vocabularies: ``train.preflight``), so a
+mistake fails in seconds, not after the models have loaded.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from reopold.config.loader import ConfigError, save_config
+from reopold.config.schema import TrainConfig
+from reopold.models.loading import (
+    apply_lora,
+    check_output_size,
+    check_same_vocabulary,
+    is_adapter_dir,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
+from reopold.models.scorer import TokenScorer, plain_lm_head
+from reopold.rollout import HFRolloutEngine, RolloutEngine
+from reopold.tasks import Task, build_task
+from reopold.tasks.prompts import PromptEncoder, PromptSampler
+from reopold.teacher.local import LocalTeacher
+from reopold.teacher.remote import RemoteTeacher
+from reopold.train.algorithms import build_algorithm
+from reopold.train.checkpoint import load_state, set_rng_state
+from reopold.train.distributed import (
+    ShardedLM,
+    configure_deepspeed,
+    deepspeed_stage,
+    describe_launch,
+    load_optimizer_state,
+    optimizer_format,
+    sharding,
+    whole_models,
+)
+from reopold.train.preflight import (
+    CONFIG_FILE,
+    check_launch_precision,
+    check_trackers,
+    preflight_teacher,
+    prepare_run_dir,
+    resume_config,
+    teacher_api_key,
+)
+from reopold.train.trainer import Backends, Optimization, Prompts, Student, Trainer, TrainState
+
+__all__ = ["resume_config", "train"]
+
+
+def train(config: TrainConfig, *, resume: str | None = None, engine: RolloutEngine | None = None) -> Path:
+    """Run (or resume) training; returns the run folder. ``engine`` replaces the student's rollout engine."""
+    from transformers.utils import logging as hf_logging
+
+    from reopold.evaluation.report import write_report
+
+    hf_logging.disable_progress_bar()  # weight loading/saving bars would bury the training bar
+    check_trackers(config)
+    check_launch_precision(config)
+    accelerator = build_accelerator(config, engine_given=engine is not None)
+    run_dir, checkpoint = prepare_run_dir(config, resume, main=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    source = StudentSource.of(config, checkpoint)
+    task, prompts = build_prompts(config, accelerator)
+    tokenizer, teacher = check_models(config, source, accelerator)
+    encode = PromptEncoder(tokenizer, config.data.chat_template)
+    torch.manual_seed(config.run.seed)
+    model = build_student_model(config, source, tokenizer, accelerator)
+    if teacher is None:
+        teacher, teacher_engine = build_local_teacher(config, tokenizer, task, encode, prompts, accelerator,
+                                                      preflight=checkpoint is None)
+    else:
+        teacher_engine = None
+    student, optimization = build_optimization(config, model, tokenizer, encode, accelerator)
+    state = restore(config, run_dir, checkpoint, student, optimization, accelerator)
+    logger = build_logger(config, run_dir, checkpoint, state, accelerator)
+    if engine is None:
+        engine = build_engine(config, student.generator, source.path, tokenizer, accelerator.device)
+    backends = Backends(engine=engine, teacher=teacher, task=task, teacher_engine=teacher_engine)
+    trainer = Trainer(config, run_dir, accelerator=accelerator, student=student, backends=backends, prompts=prompts,
+                      optimization=optimization, algorithm=build_algorithm(config, len(tokenizer)), logger=logger)
+    trainer.state = state
+    try:
+        trainer.fit()
+    finally:
+        logger.close()
+        if config.run.report and accelerator.is_main_process:
+            write_report(run_dir, title=f"{config.run_name}: {config.algo.name}")
+    if torch.distributed.is_initialized():  # left to interpreter exit, gloo's threads sometimes abort the process
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+    return run_dir
+
+
+def build_accelerator(config: TrainConfig, *, engine_given: bool):
+    """accelerate's Accelerator for this launch; refuses set-ups the trainer does not run, configures DeepSpeed."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.run.mixed_precision)
+    sharded = sharding(accelerator) is not None  # raises for set-ups the trainer does not run
+    if sharded and config.rollout.engine != "hf" and not engine_given:
+        raise ConfigError("rollout.engine=vllm cannot sync a sharded (FSDP, ZeRO-3) student's weights; use "
+                          "rollout.engine=hf, or data parallelism (configs/accelerate/ddp.yaml, zero2.yaml)")
+    launch = describe_launch(accelerator)
+    if launch and accelerator.is_main_process:  # what accelerate made of a launch, before anything slow
+        print(launch, file=sys.stderr)
+    if deepspeed_stage(accelerator) is not None:
+        rows = config.optim.mini_batch_prompts // accelerator.num_processes * config.rollout.samples_per_prompt
+        configure_deepspeed(accelerator, micro_batch_size=config.optim.micro_batch_size,
+                            micro_batches=math.ceil(rows / config.optim.micro_batch_size),
+                            grad_clip=config.optim.grad_clip)
+    if config.rollout.prompts_per_step % accelerator.num_processes:
+        raise ConfigError(f"rollout.prompts_per_step must be a multiple of the {accelerator.num_processes} processes")
+    return accelerator
+
+
+@dataclass
+class StudentSource:
+    """Where the student's weights come from: student.model, or the checkpoint being resumed."""
+
+    path: str
+    adapters: Path | None  # a LoRA checkpoint holds only the adapters: the base weights come from student.model
+
+    @classmethod
+    def of(cls, config: TrainConfig, checkpoint: Path | None) -> StudentSource:
+        adapters = checkpoint if checkpoint is not None and is_adapter_dir(checkpoint) else None
+        path = str(checkpoint) if checkpoint is not None and adapters is None else config.student.model
+        resolve_model(path)
+        if config.teacher.url is None:
+            resolve_model(config.teacher.model)
+        return cls(path, adapters)
+
+
+def build_prompts(config: TrainConfig, accelerator) -> tuple[Task, Prompts]:
+    """The task, the seeded training prompt order and the held-out problems; empty splits fail here."""
+    task = build_task(config.data)
+    train_problems = task.problems("train", config.data.train_problems)
+    eval_problems = task.problems(config.data.eval_split, config.data.eval_problems)
+    if not eval_problems:
+        raise ValueError(f"the {config.data.eval_split} split holds no problems; add prompts to the file")
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    sampler = PromptSampler(train_problems, config.rollout.prompts_per_step, config.run.seed)
+    return task, Prompts(sampler=sampler, eval_problems=eval_problems)
+
+
+def check_models(config: TrainConfig, source: StudentSource, accelerator):
+    """The student's tokenizer, checked against the teacher's vocabulary before any weights load; a served
+    teacher is returned ready (None for a local one, loaded later)."""
+    tokenizer = load_tokenizer(source.path)
+    if config.teacher.url is None:
+        check_same_vocabulary(tokenizer, load_tokenizer(config.teacher.model), source.path, config.teacher.model)
+        return tokenizer, None
+    teacher = RemoteTeacher(config.teacher.url, config.teacher.model, timeout=config.teacher.timeout,
+                            retries=config.teacher.retries, backoff=config.teacher.backoff,
+                            batch_size=config.teacher.micro_batch_size, api_key=teacher_api_key(config))
+    teacher.check_tokenizer(tokenizer)  # same ids for a probe text, or a clear error before any loading
+    return tokenizer, teacher
+
+
+def build_student_model(config: TrainConfig, source: StudentSource, tokenizer, accelerator):
+    """The student's HF model, with activation checkpointing and LoRA as configured, in eval mode."""
+    with whole_models(accelerator):
+        model = load_model(source.path, dtype=config.student.dtype, device=accelerator.device)
+    if config.student.gradient_checkpointing:
+        # transformers >= 5.24 renamed gradient checkpointing to activation checkpointing.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    if config.lora.r > 0:
+        model = apply_lora(model, config.lora, source.adapters)
+    model.eval()  # train mode (dropout, checkpointing) only inside updates: see Trainer.update
+    check_output_size(model, tokenizer, source.path)
+    return model
+
+
+def build_local_teacher(config: TrainConfig, tokenizer, task, encode, prompts: Prompts, accelerator, *,
+                        preflight: bool) -> tuple[LocalTeacher, HFRolloutEngine]:
+    """The frozen teacher in this process (and its sampler, for SFT), after its greedy pre-flight check."""
+    with whole_models(accelerator):
+        teacher_lm = load_model(config.teacher.model, dtype=config.teacher.dtype, device=accelerator.device,
+                                trainable=False)
+    check_output_size(teacher_lm, tokenizer, config.teacher.model)
+    probe = prompts.sampler.problems[: config.data.preflight_problems]
+    if preflight and probe and all(p.answer is not None for p in probe):
+        preflight_teacher(teacher_lm, tokenizer, task, probe, encode, config.rollout.max_new_tokens)
+    teacher = LocalTeacher(teacher_lm, temperature=config.teacher.temperature,
+                           micro_batch_size=config.teacher.micro_batch_size)
+    engine = HFRolloutEngine(teacher_lm, tokenizer, max_new_tokens=config.rollout.max_new_tokens,
+                             temperature=config.rollout.temperature)
+    return teacher, engine
+
+
+def build_optimization(config: TrainConfig, model, tokenizer, encode, accelerator) -> tuple[Student, Optimization]:
+    """The scorer around the student, AdamW with linear warmup, both prepared by accelerate."""
+    policy = TokenScorer(model, temperature=config.rollout.temperature)
+    if deepspeed_stage(accelerator) == 3 and plain_lm_head(model):
+        import deepspeed
+
+        # The chunked log-prob path reads the LM head's weight inside the scorer's forward, not the head's own.
+        deepspeed.zero.register_external_parameter(policy, model.get_output_embeddings().weight)
+    optim = config.optim
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2),
+                                  weight_decay=optim.weight_decay)
+    warmup = optim.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / warmup) if warmup else 1.0)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    generator = ShardedLM(policy, model) if sharding(accelerator) is not None else model
+    student = Student(policy=policy, model=model, generator=generator, tokenizer=tokenizer, encode=encode)
+    return student, Optimization(optimizer=optimizer, scheduler=scheduler)
+
+
+def restore(config: TrainConfig, run_dir: Path, checkpoint: Path | None, student: Student,
+            optimization: Optimization, accelerator) -> TrainState:
+    """Write the run's config; on resume, load the optimizer, scheduler, counters and RNG of the checkpoint."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        save_config(config, run_dir / CONFIG_FILE)
+    if checkpoint is None:
+        return TrainState()
+    saved = load_state(checkpoint)
+    load_optimizer_state(accelerator, student.policy, optimization.optimizer, saved, checkpoint,
+                         expected=optimizer_format(accelerator))
+    optimization.scheduler.load_state_dict(saved["scheduler"])
+    set_rng_state(saved["rng"])
+    return TrainState(**saved["train_state"])
+
+
+def build_logger(config: TrainConfig, run_dir: Path, checkpoint: Path | None, state: TrainState, accelerator):
+    """metrics.jsonl (+ TensorBoard / W&B) on the main process; nothing elsewhere."""
+    from reopold.train.tracking import MetricsLogger
+
+    if not accelerator.is_main_process:
+        return NullLogger()
+    wandb = {"project": config.run.wandb_project, "name": config.run_name} if config.run.wandb_project else None
+    return MetricsLogger(run_dir, tensorboard=config.run.tensorboard, wandb=wandb, resume=checkpoint is not None,
+                         truncate_after_step=state.step if checkpoint is not None else None)
+
+
+class NullLogger:
+    """What processes other than the main one log to: nothing."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def build_engine(config: TrainConfig, student, student_path: str, tokenizer, device):
+    """The student's sampler: transformers generate, or vLLM (colocated, or a TRL vllm-serve server)."""
+    rollout = config.rollout
+    if rollout.engine == "hf":
+        return HFRolloutEngine(student, tokenizer, max_new_tokens=rollout.max_new_tokens,
+                               temperature=rollout.temperature)
+    from reopold.rollout.vllm import VLLMRolloutEngine
+
+    if rollout.vllm_url:
+        engine = VLLMRolloutEngine.server(rollout.vllm_url, tokenizer, max_new_tokens=rollout.max_new_tokens,
+                                          temperature=rollout.temperature, device=device)
+    else:
+        engine = VLLMRolloutEngine.offline(resolve_model(student_path), tokenizer,
+                                           max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
+                                           device=device, gpu_memory_utilization=rollout.vllm_gpu_memory)
+    engine.sync_weights(student)  # a resumed run's weights, not the ones on disk at student.model
+    return engine
