@@ -72,6 +72,32 @@ def pad_byte_ends(rows: Sequence[Sequence[int]], length: int | None = None) -> t
     return ends, mask
 
 
+def byte_ends_from_offsets(text: str, offsets: Sequence[tuple[int, int]]) -> list[int]:
+    """Byte ends of tokens from character offsets into ``text`` (a tokenizer's ``return_offsets_mapping``).
+
+    ``offsets`` must be relative to ``text``, the completion (subtract the completion's start when the teacher
+    tokenised the prompt and the completion together). Ends are kept non-decreasing: a token with empty offsets
+    (a special token, often reported as ``(0, 0)``) becomes a zero-width token where the previous one ended. HF
+    offsets count characters: a token holding part of a multi-byte character is reported with the whole
+    character, so here it covers the whole character and the next pieces of it get zero width. Exact when the
+    other side's ends are exact bytes; when both sides split one character into pieces, the pieces of that
+    character are paired in order (the sum over the character stays exact). docs/cross_tokenizer.md.
+
+    Returns:
+        the byte end of every token, in order (UTF-8 bytes of ``text``).
+    """
+    byte_at = [0]  # byte position of each character boundary
+    for char in text:
+        byte_at.append(byte_at[-1] + len(char.encode("utf-8", "surrogatepass")))
+    ends, current = [], 0
+    for start, end in offsets:
+        if not 0 <= start <= end <= len(text):
+            raise ValueError(f"offset ({start}, {end}) lies outside the {len(text)} characters of the text")
+        current = max(current, byte_at[end]) if end > start else current
+        ends.append(current)
+    return ends
+
+
 def _compact(ends: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Move each row's valid tokens to the front, in order: returns (order, ends, mask) in compacted order."""
     order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # (B, T)
