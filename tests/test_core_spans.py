@@ -446,8 +446,9 @@ def test_span_metrics_by_hand():
 
 
 # ---------------------------------------------------------------- character offsets (HF offset mappings)
-# Offsets a byte-level BPE (HF tokenizers, ByteLevel pre-tokenizer) returned for "x😀é" + a special end-of-turn
-# token added by the template: the emoji's four byte tokens all report the whole character (1, 2).
+# Offsets a byte-level BPE (HF tokenizers, ByteLevel pre-tokenizer) returned for "x😀é" with an end-of-turn
+# special token appended by its post-processor (offsets (0, 0)): the emoji's four byte tokens all report the whole
+# character (1, 2).
 HF_TEXT = "x😀é"
 HF_OFFSETS = [(0, 1), (1, 2), (1, 2), (1, 2), (1, 2), (2, 3), (0, 0)]
 

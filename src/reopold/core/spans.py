@@ -135,7 +135,7 @@ def _span_ids(keys: torch.Tensor, ends: torch.Tensor, mask: torch.Tensor, other_
 
 
 def _check_ends(name: str, ends: torch.Tensor, mask: torch.Tensor) -> None:
-    if ends.dtype in (torch.bool,) or ends.is_floating_point() or ends.is_complex():
+    if ends.dtype == torch.bool or ends.is_floating_point() or ends.is_complex():
         raise ValueError(f"{name} must be an integer tensor of byte ends; got dtype {ends.dtype}")
     if ends.dim() != 2:
         raise ValueError(f"{name} must be a (B, T) tensor of byte ends; got shape {tuple(ends.shape)}")
