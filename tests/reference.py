@@ -276,3 +276,73 @@ def random_logits(B, T, V, seed, scale=2.0, dtype=F64):
 def naming(*parts) -> str:
     """A regex for pytest.raises(match=...) that requires every part (argument name, bad value) in any order."""
     return "".join(f"(?=[\\s\\S]*{re.escape(str(p))})" for p in parts)
+
+
+# ---------------------------------------------------------------- spans across tokenizers (docs/cross_tokenizer.md)
+def align_token_strings(student_tokens, teacher_tokens):
+    """Two-pointer walk over the tokens' byte strings of one completion (no offsets, no tensors).
+
+    A span takes the next token of each side, then more tokens on the side that has covered fewer bytes, until
+    both have covered the same number. Right after a span closes, empty (zero-byte) tokens on both sides pair up
+    one per span; an empty token on one side only joins the span that just closed (the first span if none has).
+    Returns (student span ids, teacher span ids, number of spans); -1 = in no span (the other side is empty).
+    """
+    assert b"".join(student_tokens) == b"".join(teacher_tokens), "both sides must spell the same text"
+    s_ids, t_ids = [], []
+    i = j = 0
+    s_bytes = t_bytes = 0
+    span = -1
+    while i < len(student_tokens) and j < len(teacher_tokens):
+        s_empty, t_empty = len(student_tokens[i]) == 0, len(teacher_tokens[j]) == 0
+        if span >= 0 and s_empty != t_empty:
+            if s_empty:
+                s_ids.append(span)
+                i += 1
+            else:
+                t_ids.append(span)
+                j += 1
+            continue
+        span += 1
+        s_ids.append(span)
+        s_bytes += len(student_tokens[i])
+        i += 1
+        t_ids.append(span)
+        t_bytes += len(teacher_tokens[j])
+        j += 1
+        while s_bytes != t_bytes:
+            if s_bytes < t_bytes:
+                s_ids.append(span)
+                s_bytes += len(student_tokens[i])
+                i += 1
+            else:
+                t_ids.append(span)
+                t_bytes += len(teacher_tokens[j])
+                j += 1
+    s_ids += [span] * (len(student_tokens) - i)  # what is left is empty tokens at the end
+    t_ids += [span] * (len(teacher_tokens) - j)
+    return s_ids, t_ids, span + 1
+
+
+def span_sums_on_ends(values, span_ids):
+    """[sum of values over each span placed on its last token, 0.0 elsewhere] (values: 0-dim tensors or floats)."""
+    last = {span: t for t, span in enumerate(span_ids) if span >= 0}
+    out = []
+    for t, span in enumerate(span_ids):
+        if span >= 0 and last[span] == t:
+            members = [values[u] for u, other in enumerate(span_ids) if other == span]
+            out.append(sum(members[1:], members[0]))
+        else:
+            out.append(0.0 * values[t] if torch.is_tensor(values[t]) else 0.0)
+    return out
+
+
+def teacher_sums_on_student_ends(teacher_values, student_span_ids, teacher_span_ids):
+    """The teacher's span sums, placed on the last student token of each span (0.0 elsewhere)."""
+    last = {span: t for t, span in enumerate(student_span_ids) if span >= 0}
+    out = []
+    for t, span in enumerate(student_span_ids):
+        if span >= 0 and last[span] == t:
+            out.append(sum(float(teacher_values[u]) for u, o in enumerate(teacher_span_ids) if o == span))
+        else:
+            out.append(0.0)
+    return out
