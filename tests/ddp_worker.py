@@ -41,6 +41,9 @@ class ScriptedEngine:
         return build_rollout(rows, responses, row_problems, pad_token_id=self.tokenizer.pad_token_id,
                              eos_token_id=self.tokenizer.eos_token_id, tokenizer=self.tokenizer)
 
+    def sync_weights(self, model) -> None:
+        """Scripted answers do not depend on the weights."""
+
 
 def force_fsdp_on_cpu() -> None:
     """accelerate lets FSDP run only on GPU-like devices; torch's FSDP2 itself runs on CPU over gloo. Set the
