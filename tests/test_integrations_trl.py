@@ -25,13 +25,13 @@ torch.set_num_threads(1)
 def _prompts(n: int, seed: int) -> list[str]:
     g = torch.Generator().manual_seed(seed)
     a, b = torch.randint(0, 50, (2, n), generator=g).tolist()
-    return [f"{x}+{y}=" for x, y in zip(a, b)]
+    return [f"{x}+{y}=" for x, y in zip(a, b, strict=True)]
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("trl_models")
-    teacher = make_model(root / "teacher", hidden=32, layers=2, seed=1, sharpness=10.0)  # peaky: some rewards fall below the floor
+    teacher = make_model(root / "teacher", hidden=32, layers=2, seed=1, sharpness=10.0)  # peaky teacher
     student = make_model(root / "student", hidden=32, layers=2, seed=2)
     return student, teacher
 
@@ -105,8 +105,11 @@ def test_loss_equals_float64_reference_in_both_phases(models, tmp_path):
         # The pass that scored the generation batch ran under the same weights as the loss (one step per batch).
         for r in group:
             valid = r["mask"]
-            for key, expected in (("old_logprobs", r["student"]), ("teacher_logprobs", r["teacher"]),
-                                  ("entropy", r["entropy"])):
+            for key, expected in (
+                ("old_logprobs", r["student"]),
+                ("teacher_logprobs", r["teacher"]),
+                ("entropy", r["entropy"]),
+            ):
                 assert torch.allclose(r["inputs"][key].double()[valid], expected[valid], atol=2e-5), key
         # tau_beta and the kept count of the whole generation batch, from the float64 statistics.
         entropy = _pad_cat([r["entropy"] for r in group], 0.0)
@@ -122,8 +125,16 @@ def test_loss_equals_float64_reference_in_both_phases(models, tmp_path):
             assert math.ceil(0.2 * int(mask.sum())) <= kept < int(mask.sum())
             assert float(group[0]["inputs"]["reopold_threshold"]) == pytest.approx(tau, abs=1e-5)
         for r in group:
-            expected, _ = ref.reopold_loss(r["student"], r["student"], r["teacher"], r["entropy"], r["mask"], phase,
-                                           threshold_value=tau, num_tokens=kept)
+            expected, _ = ref.reopold_loss(
+                r["student"],
+                r["student"],
+                r["teacher"],
+                r["entropy"],
+                r["mask"],
+                phase,
+                threshold_value=tau,
+                num_tokens=kept,
+            )
             assert float(r["loss"]) == pytest.approx(float(expected), abs=1e-5)
             assert r["metrics"]["refinement"] == float(phase == "refinement")
         dropped_by_floor.append(int((mask & (rewards < floor)).sum()) if phase == "exploration" else 0)
@@ -153,8 +164,9 @@ def _heldout_reverse_kl(student, teacher, tokenizer, prompts, seed=123) -> float
     torch.manual_seed(seed)
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
-        out = student.generate(**batch, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=10,
-                               pad_token_id=tokenizer.pad_token_id)
+        out = student.generate(
+            **batch, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=10, pad_token_id=tokenizer.pad_token_id
+        )
         width = out.shape[1] - batch["input_ids"].shape[1]
         completion = out[:, -width:]
         is_eos = (completion == tokenizer.eos_token_id).long()

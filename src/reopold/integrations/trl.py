@@ -73,29 +73,39 @@ class REOPOLDConfig(DistillationConfig):
 
     lam: float = field(
         default=0.3,
-        metadata={"help": "lambda of the mixture-based reward floor log(lam)/(1-lam) (Eq. 5/7), in (0, 1). "
-                          "The paper uses 0.3 (floor -1.72)."},
+        metadata={
+            "help": "lambda of the mixture-based reward floor log(lam)/(1-lam) (Eq. 5/7), in (0, 1). "
+            "The paper uses 0.3 (floor -1.72)."
+        },
     )
     beta: float = field(
         default=0.2,
-        metadata={"help": "beta of Eq. 8: fraction of valid tokens (highest student entropy, threshold tau_beta) "
-                          "trained on in the refinement phase, in (0, 1]. 0.2 in the paper (0.4 for agentic "
-                          "tasks). Not DistillationConfig's JSD beta: REOPOLDTrainer does not compute a JSD."},
+        metadata={
+            "help": "beta of Eq. 8: fraction of valid tokens (highest student entropy, threshold tau_beta) "
+            "trained on in the refinement phase, in (0, 1]. 0.2 in the paper (0.4 for agentic "
+            "tasks). Not DistillationConfig's JSD beta: REOPOLDTrainer does not compute a JSD."
+        },
     )
     switch_step: int | None = field(
         default=None,
-        metadata={"help": "T_switch of Eq. 9/10: optimizer steps of the exploration phase before refinement "
-                          "starts (0 = refinement from the first step). None: switch_fraction of max_steps."},
+        metadata={
+            "help": "T_switch of Eq. 9/10: optimizer steps of the exploration phase before refinement "
+            "starts (0 = refinement from the first step). None: switch_fraction of max_steps."
+        },
     )
     switch_fraction: float = field(
         default=1 / 3,
-        metadata={"help": "T_switch as a fraction of the total optimizer steps, used when switch_step is None "
-                          "(the paper: 100 of 300 steps)."},
+        metadata={
+            "help": "T_switch as a fraction of the total optimizer steps, used when switch_step is None "
+            "(the paper: 100 of 300 steps)."
+        },
     )
     stop_gradient: bool = field(
         default=True,
-        metadata={"help": "sg(R) of Remark 3.1: the token reward is a constant for the policy gradient. False is "
-                          "vanilla sampled-token reverse KL (RKL), the paper's ablation baseline."},
+        metadata={
+            "help": "sg(R) of Remark 3.1: the token reward is a constant for the policy gradient. False is "
+            "vanilla sampled-token reverse KL (RKL), the paper's ablation baseline."
+        },
     )
     reward_floor: bool = field(
         default=True,
@@ -103,19 +113,25 @@ class REOPOLDConfig(DistillationConfig):
     )
     entropy_selection: bool = field(
         default=True,
-        metadata={"help": "In refinement keep only tokens with entropy H >= tau_beta (Eq. 8, 10); False keeps "
-                          "every valid token."},
+        metadata={
+            "help": "In refinement keep only tokens with entropy H >= tau_beta (Eq. 8, 10); False keeps "
+            "every valid token."
+        },
     )
     reward_policy: str = field(
         default="old",
-        metadata={"help": "Which student log-probs grade R = log pi_T - log pi: 'old' (the rollout-time "
-                          "student) or 'current' (the policy being trained, detached). Equal here: TRL makes one "
-                          "optimizer step per generation batch."},
+        metadata={
+            "help": "Which student log-probs grade R = log pi_T - log pi: 'old' (the rollout-time "
+            "student) or 'current' (the policy being trained, detached). Equal here: TRL makes one "
+            "optimizer step per generation batch."
+        },
     )
     disable_dropout: bool = field(
         default=True,
-        metadata={"help": "Disable dropout in the student, so the scoring pass (pi_old) and the loss pass see the "
-                          "same policy."},
+        metadata={
+            "help": "Disable dropout in the student, so the scoring pass (pi_old) and the loss pass see the "
+            "same policy."
+        },
     )
 
     def __post_init__(self):
@@ -184,11 +200,18 @@ class REOPOLDTrainer(DistillationTrainer):
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         multimodal = {k: inputs[k] for k in _MULTIMODAL_KEYS if k in inputs}
-        hidden = self._get_last_hidden_state(model, input_ids, attention_mask, inputs["completion_ids"].size(1),
-                                             **multimodal)  # (B, C, D)
+        hidden = self._get_last_hidden_state(
+            model, input_ids, attention_mask, inputs["completion_ids"].size(1), **multimodal
+        )  # (B, C, D)
         weight, bias = _plain_head(model)
-        return core.logprobs_from_hidden(hidden.to(weight.device), weight, inputs["completion_ids"].to(weight.device),
-                                         temperature=self.temperature, with_entropy=with_entropy, lm_head_bias=bias)
+        return core.logprobs_from_hidden(
+            hidden.to(weight.device),
+            weight,
+            inputs["completion_ids"].to(weight.device),
+            temperature=self.temperature,
+            with_entropy=with_entropy,
+            lm_head_bias=bias,
+        )
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
@@ -199,9 +222,11 @@ class REOPOLDTrainer(DistillationTrainer):
         self.teacher_model.eval()
         with torch.no_grad():
             old_logprobs, entropy = self._forward_redirection(
-                self.model_wrapped, unwrapped_student, self._sampled_token_stats, unwrapped_student, output, True)
+                self.model_wrapped, unwrapped_student, self._sampled_token_stats, unwrapped_student, output, True
+            )
             teacher_logprobs, _ = self._forward_redirection(
-                self.teacher_model, unwrapped_teacher, self._sampled_token_stats, unwrapped_teacher, output, False)
+                self.teacher_model, unwrapped_teacher, self._sampled_token_stats, unwrapped_teacher, output, False
+            )
         phase = core.phase_at(self.state.global_step, self.switch_step())
         threshold = None
         if phase == "refinement" and args.entropy_selection:  # tau_beta over the generation batch of every process
