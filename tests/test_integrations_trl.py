@@ -214,3 +214,36 @@ def test_untested_trl_version_is_refused_with_a_clear_message():
     with pytest.raises(ImportError, match="tested"):
         _check_trl_version("1.15.2")
     _check_trl_version("1.16.0")
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_threshold_and_the_kept_token_count(models, tmp_path):
+    """Under DDP (2 CPU ranks, gloo) tau_beta and the loss normaliser cover the generation batch of every rank."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    student, teacher = models
+    path = os.pathsep.join(p for p in (str(root), str(root / "src"), os.environ.get("PYTHONPATH")) if p)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(root / "tests" / "trl_ddp_worker.py"), str(student), str(teacher), str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path},
+                            capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [len(records) for records in ranks] == [4, 4]
+    floor = ref.floor(0.3)
+    for first, second in zip(*ranks, strict=True):
+        assert first["step"] == second["step"] and first["num_items"] == second["num_items"]
+        entropy = torch.tensor(first["entropy"] + second["entropy"], dtype=torch.float64)
+        rewards = torch.tensor(first["rewards"] + second["rewards"], dtype=torch.float64)
+        if first["refinement"]:
+            tau = ref.threshold(entropy[None], torch.ones(1, len(entropy), dtype=torch.bool), 0.2)
+            assert first["threshold"] == pytest.approx(tau, abs=1e-6) and second["threshold"] == first["threshold"]
+            kept = int((entropy >= first["threshold"]).sum())
+        else:
+            kept = int((rewards >= floor).sum())
+        assert first["num_items"] == kept
+    assert [r["refinement"] for r in ranks[0]] == [False, False, True, True]

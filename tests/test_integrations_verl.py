@@ -175,11 +175,18 @@ def test_settings_come_from_the_environment(env):
 
 @pytest.mark.parametrize(
     "overrides, needed",
-    [({"loss_max_clamp": 10.0}, "loss_max_clamp=null"), ({"use_task_rewards": True}, "use_task_rewards=false")],
-)
+    [({"loss_max_clamp": 10.0}, "loss_max_clamp=null"), ({"use_task_rewards": True}, "use_task_rewards=false"),
+     ({"loss_agg_mode": "seq-mean-token-mean"}, "loss_agg_mode=token-mean"), ({"strategy": "megatron"}, "strategy")],
+)  # fmt: skip
 def test_verl_settings_that_would_change_the_objective_are_refused(env, overrides, needed):
     data, model_output, _ = _batch(seed=0, step=0)
-    actor, distillation = _configs(**overrides)
+    actor_keys = {"loss_agg_mode", "strategy"}
+    actor, distillation = _configs(**{k: v for k, v in overrides.items() if k not in actor_keys})
+    if actor_keys & overrides.keys():
+        settings = {"strategy": "fsdp", "loss_agg_mode": "token-mean"} | {
+            k: overrides[k] for k in actor_keys & overrides.keys()
+        }
+        actor = ActorConfig(rollout_n=2, ppo_micro_batch_size_per_gpu=6, **settings)
     with pytest.raises(ValueError, match=needed):
         distillation_ppo_loss(actor, distillation, model_output, data)
 

@@ -65,6 +65,7 @@ from verl.utils.metric import AggregationType, Metric  # noqa: E402
 from verl.workers.utils.padding import no_padding_2_padding  # noqa: E402
 
 LOSS_MODE = "reopold"
+FSDP_STRATEGIES = ("fsdp", "fsdp2", "veomni")
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,11 @@ def check_verl_config(config, loss_config) -> None:
         problems.append(
             "distillation.distillation_loss.loss_max_clamp=null (verl clamps both signs; the reward floor is "
             "REOPOLD's only clip, and the kept-token rescaling can exceed the clamp)"
+        )
+    if config.strategy not in FSDP_STRATEGIES:
+        problems.append(
+            f"actor_rollout_ref.actor.strategy in {FSDP_STRATEGIES} (the kept-token count is all-reduced over every "
+            "rank, and every rank computes the loss only under FSDP)"
         )
     if config.loss_agg_mode != "token-mean":
         problems.append("actor_rollout_ref.actor.loss_agg_mode=token-mean (the normaliser is built for it)")
