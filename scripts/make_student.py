@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_teacher import accuracy, build_model, model_parser, save_checkpoint, train_gold_sft  # noqa: E402
+from train_teacher import accuracy, initial_model, model_parser, save_checkpoint, train_gold_sft  # noqa: E402
 
 from reopold.tasks import ArithmeticTask, build_tokenizer  # noqa: E402
 
@@ -36,7 +36,7 @@ def main() -> None:
     task = ArithmeticTask(digits=tuple(args.digits))
     tokenizer = build_tokenizer(task.alphabet)
     # A different seed stream from the teacher's (seed 0 there), so the two never see the same batches.
-    model = build_model(tokenizer, hidden=args.hidden, layers=args.layers, heads=args.heads, seed=1000 + args.seed)
+    model = initial_model(args, tokenizer, 1000 + args.seed)
     model.to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{task!r}: student {n_params / 1e6:.3f}M params", flush=True)
@@ -44,7 +44,7 @@ def main() -> None:
     train_gold_sft(model, tokenizer, task, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                    warmup=args.warmup, final_frac=args.final_frac, seed=1000 + args.seed, bf16=False,
                    eval_every=args.eval_every, eval_problems=task.problems("validation", args.eval_n),
-                   log=lambda s: print(s, flush=True))
+                   log=lambda s: print(s, flush=True), paths=args.paths)
     print(f"trained in {time.time() - t0:.0f}s", flush=True)
     save_checkpoint(model, tokenizer, args.out, task)
     test = task.problems("test", args.test_n)

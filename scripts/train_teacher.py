@@ -23,6 +23,7 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from reopold.tasks import ArithmeticTask, build_tokenizer
+from reopold.tasks.arithmetic import check_paths
 
 
 def build_model(tokenizer: PreTrainedTokenizerFast, *, hidden: int, layers: int, heads: int,
@@ -45,14 +46,17 @@ def build_model(tokenizer: PreTrainedTokenizerFast, *, hidden: int, layers: int,
     return LlamaForCausalLM(config)
 
 
-def gold_batch(task: ArithmeticTask, tokenizer: PreTrainedTokenizerFast, rng: random.Random,
-               batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (input_ids, attention_mask, labels), each (B, T); labels are -100 on prompt and pad."""
+def gold_batch(task: ArithmeticTask, tokenizer: PreTrainedTokenizerFast, rng: random.Random, batch_size: int,
+               paths: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, labels), each (B, T); labels are -100 on prompt and pad.
+
+    ``paths``: the solution paths to draw from (indices into ``reopold.tasks.arithmetic.PATHS``); None: all.
+    """
     rows, label_rows = [], []
     for _ in range(batch_size):
         problem = task.sample_problem(rng, "train")
         prompt_ids = tokenizer(problem.prompt)["input_ids"]
-        completion_ids = tokenizer(task.solution(problem, rng))["input_ids"] + [tokenizer.eos_token_id]
+        completion_ids = tokenizer(task.solution(problem, rng, paths=paths))["input_ids"] + [tokenizer.eos_token_id]
         rows.append(prompt_ids + completion_ids)
         label_rows.append([-100] * len(prompt_ids) + completion_ids)
     width = max(len(r) for r in rows)
@@ -96,8 +100,10 @@ def lr_at(step: int, *, peak: float, warmup: int, total: int, final_frac: float 
 
 def train_gold_sft(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, task: ArithmeticTask, *,
                    steps: int, batch_size: int, lr: float, warmup: int, final_frac: float, seed: int,
-                   bf16: bool, eval_every: int, eval_problems: list, log=print, on_eval=None) -> None:
-    """SFT on gold scratchpads (random valid paths), logging greedy validation accuracy as it goes.
+                   bf16: bool, eval_every: int, eval_problems: list, log=print, on_eval=None,
+                   paths: tuple[int, ...] | None = None) -> None:
+    """SFT on gold scratchpads (random valid paths, or random ones of ``paths``), logging greedy validation
+    accuracy as it goes.
 
     ``on_eval()`` (e.g. an interim save) is called after each progress eval.
     """
@@ -109,7 +115,7 @@ def train_gold_sft(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, 
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, peak=lr, warmup=warmup, total=steps, final_frac=final_frac)
-        input_ids, attention_mask, labels = (t.to(device) for t in gold_batch(task, tokenizer, rng, batch_size))
+        input_ids, attention_mask, labels = (t.to(device) for t in gold_batch(task, tokenizer, rng, batch_size, paths))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
@@ -164,7 +170,35 @@ def model_parser(doc: str | None, *, out: str, hidden: int, layers: int, steps: 
     ap.add_argument("--eval-every", type=int, default=eval_every)
     ap.add_argument("--eval-n", type=int, default=200, help="validation problems per progress eval")
     ap.add_argument("--test-n", type=int, default=1000, help="held-out test problems for the final eval")
+    ap.add_argument("--paths", type=parse_paths, default=None,
+                    help="train only on these solution paths, e.g. 0,1 (0/1: decompose the second factor low/high "
+                         "digit first, 2/3: the first factor; default: all four at random)")
+    ap.add_argument("--init", default=None,
+                    help="start from this saved model (a folder or demo-teacher/demo-student) instead of a random "
+                         "init; --hidden/--layers/--heads are then ignored")
     return ap
+
+
+def parse_paths(text: str) -> tuple[int, ...]:
+    """``"0,1"`` -> ``(0, 1)``, checked against the task's paths."""
+    try:
+        return check_paths([int(t) for t in text.split(",") if t.strip()])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def initial_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
+    """``--init``'s model in float32 (its vocabulary checked against ``tokenizer``), else a fresh one."""
+    if args.init is None:
+        return build_model(tokenizer, hidden=args.hidden, layers=args.layers, heads=args.heads, seed=seed)
+    from reopold.models import resolve_model
+
+    path = resolve_model(args.init)
+    saved = PreTrainedTokenizerFast.from_pretrained(path)
+    if saved.get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"--init {args.init}: its tokenizer differs from the task's")
+    torch.manual_seed(seed)
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
 def main() -> None:
@@ -176,7 +210,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     task = ArithmeticTask(digits=tuple(args.digits))
     tokenizer = build_tokenizer(task.alphabet)
-    model = build_model(tokenizer, hidden=args.hidden, layers=args.layers, heads=args.heads, seed=args.seed)
+    model = initial_model(args, tokenizer, args.seed)
     model.to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{task!r}: {n_params / 1e6:.3f}M params, vocab {len(tokenizer)}", flush=True)
@@ -184,7 +218,7 @@ def main() -> None:
     train_gold_sft(model, tokenizer, task, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                    warmup=args.warmup, final_frac=args.final_frac, seed=args.seed, bf16=args.bf16,
                    eval_every=args.eval_every, eval_problems=task.problems("validation", args.eval_n),
-                   log=lambda s: print(s, flush=True),
+                   log=lambda s: print(s, flush=True), paths=args.paths,
                    on_eval=lambda: save_checkpoint(model, tokenizer, args.out, task))
     print(f"trained in {time.time() - t0:.0f}s", flush=True)
     save_checkpoint(model, tokenizer, args.out, task)

@@ -16,7 +16,7 @@ from tests.tiny import make_model, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_CONFIGS = sorted({*ROOT.glob("configs/recipes/*.yaml"), *DEMO_CONFIG.parent.glob("*.yaml"),
-                          ROOT / "benchmarks" / "hard" / "config.yaml"})
+                          *(ROOT / "benchmarks" / v / "config.yaml" for v in ("hard", "mismatch"))})
 ACCELERATE_CONFIGS = sorted(ROOT.glob("configs/accelerate/*.yaml"))
 
 

@@ -22,12 +22,17 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 SPLITS = ("train", "validation", "test")
 # Share of all problems in each held-out split; the rest is train. Shares are of the hash space, so the
 # split sizes are close to, not exactly, these fractions.
 HELD_OUT_SHARE = {"validation": 0.05, "test": 0.10}
+
+# Every path as (decompose_first_factor, high_digit_first), indexed as ``solution(..., paths=...)`` takes them:
+# 0 and 1 decompose the second factor, 2 and 3 the first; even indices go low digit first.
+PATHS = ((False, False), (False, True), (True, False), (True, True))
 
 _ANSWER = re.compile(r"^[0-9*+=;]*:(0|[1-9][0-9]*)$")
 
@@ -50,6 +55,14 @@ def _split_of(a: int, b: int) -> str:
     if u < HELD_OUT_SHARE["test"] + HELD_OUT_SHARE["validation"]:
         return "validation"
     return "train"
+
+
+def check_paths(paths: Sequence[int]) -> tuple[int, ...]:
+    """``paths`` as a tuple of distinct indices into ``PATHS``; ValueError when empty, repeated or out of range."""
+    out = tuple(int(i) for i in paths)
+    if not out or len(set(out)) != len(out) or not all(0 <= i < len(PATHS) for i in out):
+        raise ValueError(f"paths must be distinct indices in 0..{len(PATHS) - 1}, got {paths!r}")
+    return out
 
 
 def _factors(prompt: str) -> tuple[int, int]:
@@ -130,19 +143,27 @@ class ArithmeticTask:
     def paths(self, problem: Problem) -> list[tuple[bool, bool]]:
         """The distinct valid paths as (decompose_first_factor, high_digit_first) pairs."""
         a, b = _factors(problem.prompt)
-        choices = [(False, False), (False, True), (True, False), (True, True)]
-        return choices[:2] if a == b else choices
+        return list(PATHS[:2]) if a == b else list(PATHS)
 
     def solution(self, problem: Problem, rng: random.Random | None = None,
-                 path: tuple[bool, bool] | None = None) -> str:
+                 path: tuple[bool, bool] | None = None, paths: Sequence[int] | None = None) -> str:
         """A gold completion (text after the prompt, without eos).
 
         With neither ``rng`` nor ``path``: the canonical path (decompose the second factor, low digit first).
-        With ``rng``: a path drawn uniformly from ``paths(problem)``. ``path`` picks one explicitly.
+        With ``rng``: a path drawn uniformly from ``paths(problem)``, or from the indices into ``PATHS`` given as
+        ``paths`` (e.g. ``(2, 3)``: decompose the first factor only; when both factors are equal, 2 and 3 write
+        the same text as 0 and 1). ``path`` picks one explicitly.
         """
         a, b = _factors(problem.prompt)
+        if paths is not None:
+            paths = check_paths(paths)
         if path is None:
-            path = rng.choice(self.paths(problem)) if rng is not None else (False, False)
+            if rng is None:
+                path = (False, False)
+            elif paths is None:
+                path = rng.choice(self.paths(problem))
+            else:
+                path = PATHS[rng.choice(paths)]
         decompose_first, high_first = path
         kept, split = (b, a) if decompose_first else (a, b)
         # One partial product per digit of `split`, digit d at place 10**k -> kept * (d * 10**k).
