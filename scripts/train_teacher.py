@@ -191,7 +191,7 @@ def initial_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast, 
     """``--init``'s model in float32 (its vocabulary checked against ``tokenizer``), else a fresh one."""
     if args.init is None:
         return build_model(tokenizer, hidden=args.hidden, layers=args.layers, heads=args.heads, seed=seed)
-    from reopold.models import resolve_model
+    from reopold.models.loading import resolve_model
 
     path = resolve_model(args.init)
     saved = PreTrainedTokenizerFast.from_pretrained(path)

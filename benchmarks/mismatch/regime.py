@@ -25,10 +25,10 @@ import time
 import torch
 
 from reopold.core.rewards import reward_floor
-from reopold.models import load_model, load_tokenizer
+from reopold.models.loading import load_model, load_tokenizer
 from reopold.rollout import HFRolloutEngine
-from reopold.scoring import LocalTeacher
 from reopold.tasks import ArithmeticTask
+from reopold.teacher.local import LocalTeacher
 
 
 def tail_stats(rewards: torch.Tensor, mask: torch.Tensor, floor: float) -> dict[str, float]:
