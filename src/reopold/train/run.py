@@ -155,9 +155,8 @@ def warn_if_oversubscribed(accelerator) -> None:
 
 def auto_threads(cores: int | None = None, environ=None) -> int | None:
     """run.threads' default: 1 on 2 cores or fewer, else None (torch's default); None too when OMP_NUM_THREADS is
-    set (the user chose). Measured on a 2-core machine shared with other jobs: with 2 threads a demo step took
-    60-100 s instead of about 1 s (OpenMP threads spinning while they wait for a busy core); with 1 thread, 4-7 s
-    for a quarter of the work, at the same CPU time per step."""
+    set (the user chose). On 2 cores a second thread gains at most 2x on an idle machine, and on a shared one it lost
+    about 10x: demo steps took 51-61 s with 2 threads, 4-7 s with 1, at load average 9-11 (docs/training.md)."""
     environ = os.environ if environ is None else environ
     if environ.get("OMP_NUM_THREADS"):
         return None
