@@ -96,6 +96,32 @@ def test_row1_negative_or_out_of_range_numbers_are_refused(capsys, tmp_path, mod
     assert not (tmp_path / "runs").exists()  # refused before anything ran
 
 
+def numeric_keys() -> list[tuple[str, type]]:
+    from typing import get_args
+
+    from reopold.config.loader import _walk
+    from reopold.config.schema import TrainConfig
+
+    keys = []
+    for key, _, tp, is_section in _walk(TrainConfig):
+        kinds = {tp} | set(get_args(tp))
+        if not is_section and kinds & {int, float}:
+            keys.append((key, float if float in kinds else int))
+    return keys
+
+
+@pytest.mark.parametrize("key, kind", numeric_keys(), ids=lambda v: v if isinstance(v, str) else v.__name__)
+def test_row1_every_numeric_key_refuses_negative_and_nan(key, kind):
+    """No numeric key of the schema takes a negative value (or NaN), so a future key without a check fails here."""
+    from reopold.config.loader import ConfigError, load_config
+    from reopold.config.schema import TrainConfig
+
+    base = ["lora.r=4"] if key.startswith("lora.") else []  # lora.alpha only matters with adapters
+    for value in ["-1", ".nan"] if kind is float else ["-1"]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(TrainConfig, None, [*base, f"{key}={value}"])
+
+
 # ---- 2. two processes on one run folder ----------------------------------------------------------------------------
 def test_row2_a_second_process_on_the_same_run_is_refused(tmp_path, models):
     config = config_file(tmp_path, models, run={"steps": 8, "eval_every": 0, "save_every": 4})
