@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -74,12 +75,23 @@ def add_serve_teacher(commands) -> None:
     parser.add_argument("model", metavar="MODEL", help="Hugging Face model name or local directory (or demo-teacher)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine "
-                        "only; 0.0.0.0 for every interface: there is no authentication, so private networks only)")
+                        "only; 0.0.0.0 for every interface: set an API key, and private networks only: no TLS)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="weights dtype (bfloat16 on GPU)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--served-model-name", default=None, help="the name clients send as 'model' (default: MODEL)")
     parser.add_argument("--micro-batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but "
+                        "/health (default: $REOPOLD_API_KEY; unset: no authentication). The variable keeps the key "
+                        "out of the process list; training sends it from the variable teacher.api_key_env names")
+    parser.add_argument("--max-prompts", type=int, default=256, help="prompts per request; more get HTTP 413 "
+                        "(default 256)")
+    parser.add_argument("--max-tokens", type=int, default=2**18, help="tokens per request, all prompts together; more "
+                        "get HTTP 413 (default 262144)")
+    parser.add_argument("--read-timeout", type=float, default=30.0, help="seconds a connection may take to send its "
+                        "request (default 30)")
+    parser.add_argument("--workers", type=int, default=8, help="threads serving connections; 4x as many more may "
+                        "wait, further ones get HTTP 503 (default 8)")
 
 
 def run_train(args, rest: list[str]) -> int:
@@ -89,7 +101,7 @@ def run_train(args, rest: list[str]) -> int:
 
         config = resume_config(Path(args.resume), overrides)
     else:
-        config = load_config(TrainConfig, config_path(args.config), overrides)
+        config = load_config(TrainConfig, config_path(args.config), file_switches_yield(overrides))
     if args.show_config:
         import yaml
 
@@ -97,21 +109,70 @@ def run_train(args, rest: list[str]) -> int:
 
         print(yaml.safe_dump(to_dict(config), sort_keys=False))
         return 0
+    quiet_deepspeed()
     from reopold.train.run import train
 
-    run_dir = train(config, resume=args.resume)
+    try:
+        run_dir = train(config, resume=args.resume)
+    except KeyboardInterrupt:
+        run_dir = Path(args.resume or Path(config.run.output_dir) / config.run_name)
+        raise KeyboardInterrupt(interrupted_message(run_dir)) from None
     print(f"done: {run_dir} (report: {run_dir / 'report.md'})")
     return 0
 
 
-def run_report(args, rest: list[str]) -> int:
-    from reopold.evaluation.report import write_report
+def file_switches_yield(overrides: list[str]) -> list[str]:
+    """Ablation switches set by the config file yield to an algorithm chosen on the command line that has none:
+    the demo config's ``algo.two_phase: false`` must not block ``--algo.name sft``. Switches given on the command
+    line still count (and still fail for such an algorithm)."""
+    from reopold.config.loader import parse_overrides
+    from reopold.config.schema import ALGORITHM_SWITCHES
 
-    print(write_report(args.run_dir))
+    given = dict(parse_overrides(overrides))
+    name = given.get("algo.name")
+    if name is None or name.strip().strip("'\"") in ALGORITHM_SWITCHES:
+        return overrides
+    return [*(f"algo.{k}=null" for k in ALGORITHM_SWITCHES["reopold"] if f"algo.{k}" not in given), *overrides]
+
+
+def interrupted_message(run_dir: Path) -> str:
+    """What Ctrl-C during training leaves: the last checkpoint and the command that resumes from it."""
+    from reopold.train.checkpoint import latest_checkpoint
+
+    checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if checkpoint is None and run_dir.is_dir():
+        return f"no checkpoint was written yet in {run_dir}; start over with the same command and --run.overwrite true"
+    if checkpoint is None:
+        return "nothing was written yet; run the same command again"
+    return f"the last checkpoint is {checkpoint}; resume with: reopold train --resume {run_dir}"
+
+
+def quiet_deepspeed() -> None:
+    """Outside a DeepSpeed launch, transformers' save_pretrained still imports DeepSpeed when it is installed (for
+    an isinstance check in accelerate), and on a machine without CUDA DeepSpeed then prints 'Setting accelerator to
+    CPU' mid-progress-bar. Naming the CPU accelerator up front is what it would pick anyway, without the warning."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("true", "1") or "DS_ACCELERATOR" in os.environ:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def run_report(args, rest: list[str]) -> int:
+    from reopold.evaluation.report import METRICS_FILE, write_report
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run folder {run_dir}; pass the folder `reopold train` wrote (runs/<name>)")
+    if not (run_dir / METRICS_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir} has no {METRICS_FILE}; it is not a run folder (runs/<name>)")
+    print(write_report(run_dir))
     return 0
 
 
 def run_merge(args, rest: list[str]) -> int:
+    quiet_deepspeed()
     from reopold.models.loading import merge_adapter
     from reopold.train.checkpoint import latest_checkpoint
 
@@ -125,8 +186,11 @@ def run_merge(args, rest: list[str]) -> int:
 def run_serve_teacher(args, rest: list[str]) -> int:
     from reopold.teacher.server import serve_teacher
 
+    quiet_deepspeed()
     serve_teacher(args.model, args.host, args.port, dtype=args.dtype, device=args.device,
-                  served_model_name=args.served_model_name, micro_batch_size=args.micro_batch_size)
+                  served_model_name=args.served_model_name, micro_batch_size=args.micro_batch_size,
+                  api_key=args.api_key, max_prompts=args.max_prompts, max_tokens=args.max_tokens,
+                  read_timeout=args.read_timeout, workers=args.workers)
     return 0
 
 
@@ -168,6 +232,6 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingStopped, TeacherUnavailable) as err:
         print(f"reopold: stopped: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("reopold: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"reopold: interrupted: {err}" if str(err) else "reopold: interrupted", file=sys.stderr)
         return 130

@@ -6,6 +6,7 @@ starts from the bundled demo config instead (``configs/demo.yaml``), which sizes
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from reopold.config.loader import ConfigError, option
@@ -102,6 +103,12 @@ class AlgoConfig:
             raise ConfigError("algo.clip_eps and algo.clip_eps_high must be > 0")
         if not 0 <= self.gkd_beta <= 1:
             raise ConfigError(f"algo.gkd_beta must be in [0, 1]; got {self.gkd_beta}")
+        if self.gkd_top_k is not None and self.gkd_top_k < 1:
+            raise ConfigError(f"algo.gkd_top_k must be >= 1 or None; got {self.gkd_top_k}")
+
+    def check_switches(self) -> None:
+        """Ablation switches only mean something for reopold/rkl/rkl_sg (checked by TrainConfig after the checks
+        that name a more basic problem, e.g. gkd with a served teacher)."""
         switches = [k for k in ALGORITHM_SWITCHES["reopold"] if getattr(self, k) is not None]
         if switches and self.name not in ALGORITHM_SWITCHES:
             raise ConfigError(f"algo.{switches[0]} is an ablation switch of reopold/rkl/rkl_sg; "
@@ -154,7 +161,9 @@ class RunConfig:
     max_bad_steps: int = option(3, "stop (with a checkpoint) after this many consecutive NaN/inf losses")
     mixed_precision: str = option("no", "autocast: 'bf16' speeds up models above ~1M parameters on AMX CPUs and GPUs",
                                   choices=("no", "bf16"))
-    threads: int | None = option(None, "torch CPU threads; None = torch's default")
+    threads: int | None = option(None, "torch CPU threads; None or 0 = auto: 1 on a machine with 2 cores or fewer "
+                                 "(spare threads spin when other work shares the cores), else torch's default; "
+                                 "OMP_NUM_THREADS, when set, is kept")
     tensorboard: bool = option(False, "also log to TensorBoard (pip install 'reopold[tracking]')")
     wandb_project: str | None = option(None, "also log to this W&B project (pip install 'reopold[tracking]')")
     progress: bool = option(True, "show a progress bar")
@@ -219,6 +228,46 @@ class TrainConfig:
             raise ConfigError(f"algo.switch_step must be >= 0 or None; got {self.algo.switch_step}")
         if self.run.eval_every < 0:
             raise ConfigError(f"run.eval_every must be >= 0; got {self.run.eval_every}")
+        self._check_numbers()
+        self._check_run_name()
+        self.algo.check_switches()
+
+    def _check_numbers(self) -> None:
+        """Ranges of the numeric keys not checked above, so none reaches torch (a negative warmup would make the
+        learning rate negative: gradient ascent) or fails only after the models have loaded."""
+        for section in (self.student, self.lora, self.teacher, self.data, self.algo, self.rollout, self.optim,
+                        self.run):
+            for name, value in vars(section).items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{_section_name(section)}.{name} must be a finite number; got {value}")
+        at_least_zero = {
+            "optim.warmup_steps": self.optim.warmup_steps, "optim.weight_decay": self.optim.weight_decay,
+            "optim.grad_clip": self.optim.grad_clip, "teacher.retries": self.teacher.retries,
+            "teacher.backoff": self.teacher.backoff, "data.preflight_problems": self.data.preflight_problems,
+            "run.threads": self.run.threads or 0, "run.seed": self.run.seed,
+        }  # fmt: skip
+        for key, value in at_least_zero.items():
+            if value < 0:
+                raise ConfigError(f"{key} must be >= 0; got {value}")
+        betas = {"optim.adam_beta1": self.optim.adam_beta1, "optim.adam_beta2": self.optim.adam_beta2}
+        for key, value in betas.items():
+            if not 0 <= value < 1:
+                raise ConfigError(f"{key} must be in [0, 1); got {value}")
+        if not self.teacher.timeout > 0:
+            raise ConfigError(f"teacher.timeout must be > 0 seconds; got {self.teacher.timeout}")
+        if not 0 < self.rollout.vllm_gpu_memory <= 1:
+            raise ConfigError(f"rollout.vllm_gpu_memory must be in (0, 1]; got {self.rollout.vllm_gpu_memory}")
+        if self.lora.r > 0 and not self.lora.alpha > 0:
+            raise ConfigError(f"lora.alpha must be > 0; got {self.lora.alpha}")
+        if not all(d > 0 for d in self.data.digits):
+            raise ConfigError(f"data.digits must be positive; got {self.data.digits}")
+
+    def _check_run_name(self) -> None:
+        """run.name is one folder inside run.output_dir: no separators, no '..'."""
+        name = self.run.name
+        if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name):
+            raise ConfigError(f"run.name must be a plain folder name (no '/', '\\' or '..'); got {name!r}. "
+                              "run.output_dir chooses where run folders go")
 
     @property
     def switch_step(self) -> int:
@@ -228,3 +277,7 @@ class TrainConfig:
     @property
     def run_name(self) -> str:
         return self.run.name or f"{self.algo.name}-seed{self.run.seed}"
+
+
+def _section_name(section) -> str:
+    return type(section).__name__.removesuffix("Config").lower()

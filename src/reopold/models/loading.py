@@ -33,7 +33,52 @@ def resolve_model(name: str) -> str:
             raise FileNotFoundError(f"model path {name!r} does not exist; pass a directory saved with save_pretrained")
         if not (Path(expanded) / "config.json").exists():
             raise FileNotFoundError(f"model path {name!r} has no config.json; it is not a Hugging Face model directory")
+        return expanded
+    check_hub_reachable(name)
     return expanded
+
+
+def check_hub_reachable(name: str, timeout: float = 5.0) -> None:
+    """A hub name must be in the local Hugging Face cache or the hub must answer; otherwise fail in one line now,
+    not after transformers' retries (about 70 s). Only a TCP connection is tried: the download itself (and any
+    authentication) is left to transformers."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a valid repo id either
+        raise FileNotFoundError(f"model {name!r} is neither a local folder nor a Hugging Face hub name "
+                                "(org/name); pass a directory saved with save_pretrained") from None
+    if isinstance(cached, str):
+        return
+    hint = "pass a local directory saved with save_pretrained, or download the model first (huggingface-cli download)"
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"model {name!r} is not a local folder and is not in the Hugging Face cache, and the "
+                                f"hub is off (HF_HUB_OFFLINE); {hint}")
+    reason = _hub_unreachable(constants.ENDPOINT, timeout)
+    if reason:
+        raise FileNotFoundError(f"model {name!r} is not a local folder and the Hugging Face hub "
+                                f"({constants.ENDPOINT}) cannot be reached ({reason}); {hint}")
+
+
+_HUB_CHECKED: dict[str, str | None] = {}
+
+
+def _hub_unreachable(endpoint: str, timeout: float) -> str | None:
+    """Why a TCP connection to ``endpoint`` fails (cached per endpoint), or None when it connects."""
+    import socket
+    from urllib.parse import urlparse
+
+    if endpoint not in _HUB_CHECKED:
+        url = urlparse(endpoint)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            _HUB_CHECKED[endpoint] = None
+        except OSError as err:
+            _HUB_CHECKED[endpoint] = (type(err).__name__ if isinstance(err, TimeoutError) else
+                                      (err.strerror or type(err).__name__))
+    return _HUB_CHECKED[endpoint]
 
 
 def load_tokenizer(name: str):
@@ -54,10 +99,25 @@ def load_model(name: str, *, dtype: str = "float32", device: torch.device | str 
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got dtype={dtype!r}")
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=DTYPES[dtype]).to(device)
+    path = resolve_model(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    except Exception as err:  # a cut or corrupt weights file, a hub refusal: one line naming the model
+        if not _is_load_error(err):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load the model {name!r} ({type(err).__name__}: {first}); a damaged or incomplete "
+                         "weights file?") from err
+    model = model.to(device)
     if not trainable:
         model.eval().requires_grad_(False)
     return model
+
+
+def _is_load_error(err: Exception) -> bool:
+    import pickle
+
+    return isinstance(err, (OSError, EOFError, pickle.UnpicklingError)) or type(err).__name__ == "SafetensorError"
 
 
 def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_name: str, teacher_name: str) -> None:

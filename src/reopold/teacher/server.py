@@ -13,19 +13,29 @@ Endpoints (request and response fields as vLLM names them; see reopold.teacher.r
     GET  /health          200, empty body
 
 Anything else gets a 400 (404 for an unknown path or model) with vLLM's error body ``{"error": {"message", "type",
-"param", "code"}}``. There is no authentication and no TLS: the default host is loopback; on a shared network put
-it behind something that adds them.
+"param", "code"}}``.
+
+Holding up under load and abuse: with an API key (``--api-key`` or ``$REOPOLD_API_KEY``) every route but /health needs
+``Authorization: Bearer <key>`` (compared in constant time; 401 otherwise), as vLLM's ``--api-key``. A request may
+hold at most ``max_prompts`` prompts and ``max_tokens`` tokens (413 otherwise), so one client cannot hold the model
+for minutes; the model is locked per micro-batch, so concurrent requests interleave. Each connection must send its
+request within ``read_timeout`` seconds (408, or the connection is closed). A fixed pool of ``workers`` threads
+serves connections and at most ``queue`` more wait; beyond that a connection gets 503 at once (the client retries).
+There is no TLS: the default host is loopback; on a shared network put it behind something that adds it.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
+import os
 import sys
 import threading
 import time
 import traceback
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import torch
 
@@ -34,6 +44,13 @@ from reopold.rollout import Rollout
 
 MAX_BODY_BYTES = 256 * 2**20  # a request larger than this is refused (413) before it is read
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+API_KEY_ENV = "REOPOLD_API_KEY"
+# Defaults of the per-request limits and the connection handling (serve-teacher's flags). 256 prompts and 2**18
+# tokens hold a 1.5B-model teacher on one GPU for a few seconds; training sends teacher.micro_batch_size prompts.
+MAX_PROMPTS = 256
+MAX_TOKENS = 2**18
+READ_TIMEOUT = 30.0
+WORKERS = 8
 
 
 class RequestError(Exception):
@@ -48,7 +65,9 @@ class RequestError(Exception):
 class ServedModel:
     """A frozen causal LM and its tokenizer. One forward pass at a time (a lock): threads only overlap the I/O."""
 
-    def __init__(self, lm, tokenizer, name: str, *, micro_batch_size: int = 16):
+    def __init__(self, lm, tokenizer, name: str, *, micro_batch_size: int = 16, max_prompts: int = MAX_PROMPTS,
+                 max_tokens: int = MAX_TOKENS):
+        self.max_prompts, self.max_tokens = max_prompts, max_tokens
         self.scorer = TokenScorer(lm.eval().requires_grad_(False))  # temperature 1: raw log-probs, as vLLM's
         self.tokenizer = tokenizer
         self.name = name
@@ -64,21 +83,21 @@ class ServedModel:
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths share a forward
         out: list[list[float]] = [[] for _ in sequences]
         pad = self.tokenizer.pad_token_id
-        with self.lock:
-            for start in range(0, len(order), self.micro_batch_size):
-                rows = order[start : start + self.micro_batch_size]
-                width = max(2, max(len(sequences[i]) for i in rows))
-                ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (b, L) right-padded
-                attention = torch.zeros((len(rows), width), dtype=torch.long)  # (b, L)
-                for k, i in enumerate(rows):
-                    ids[k, : len(sequences[i])] = torch.tensor(sequences[i])
-                    attention[k, : len(sequences[i])] = 1
-                # The whole sequence as a "response" after a one-token "prompt": TokenScorer then scores tokens 1..L-1
-                # the way LocalTeacher does (same lm-head handling, chunked over the vocabulary).
-                batch = Rollout(ids, attention, attention[:, 1:].bool(), prompt_length=1).to(self.device)
+        for start in range(0, len(order), self.micro_batch_size):
+            rows = order[start : start + self.micro_batch_size]
+            width = max(2, max(len(sequences[i]) for i in rows))
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (b, L) right-padded
+            attention = torch.zeros((len(rows), width), dtype=torch.long)  # (b, L)
+            for k, i in enumerate(rows):
+                ids[k, : len(sequences[i])] = torch.tensor(sequences[i])
+                attention[k, : len(sequences[i])] = 1
+            # The whole sequence as a "response" after a one-token "prompt": TokenScorer then scores tokens 1..L-1
+            # the way LocalTeacher does (same lm-head handling, chunked over the vocabulary).
+            batch = Rollout(ids, attention, attention[:, 1:].bool(), prompt_length=1).to(self.device)
+            with self.lock:  # per micro-batch: concurrent requests take turns
                 logprobs, _ = self.scorer(batch, with_entropy=False)  # (b, L - 1)
-                for k, i in enumerate(rows):
-                    out[i] = logprobs[k, : len(sequences[i]) - 1].float().cpu().tolist()
+            for k, i in enumerate(rows):
+                out[i] = logprobs[k, : len(sequences[i]) - 1].float().cpu().tolist()
         return out
 
     def completions(self, body) -> dict:
@@ -110,6 +129,9 @@ class ServedModel:
         prompt, special = body.get("prompt"), body.get("add_special_tokens", True)
         if not isinstance(prompt, str):
             raise RequestError("'prompt' must be a string", param="prompt")
+        if len(prompt) > 16 * self.max_tokens:
+            raise RequestError(f"'prompt' has {len(prompt)} characters, over this server's limit of "
+                               f"{16 * self.max_tokens} (16 x --max-tokens)", status=413, param="prompt")
         if not isinstance(special, bool):
             raise RequestError("'add_special_tokens' must be true or false", param="add_special_tokens")
         with self.lock:
@@ -151,6 +173,15 @@ class ServedModel:
         if not (isinstance(prompt, list) and prompt and all(isinstance(p, list) and p for p in prompt)):
             raise RequestError("'prompt' must be token ids: a non-empty list of non-empty lists of ints (text prompts "
                                "are not supported)", param="prompt")
+        if len(prompt) > self.max_prompts:
+            raise RequestError(f"{len(prompt)} prompts in one request, over this server's limit of {self.max_prompts} "
+                               "(--max-prompts); send fewer per request (teacher.micro_batch_size)", status=413,
+                               param="prompt")
+        tokens = sum(map(len, prompt))
+        if tokens > self.max_tokens:
+            raise RequestError(f"{tokens} tokens in one request, over this server's limit of {self.max_tokens} "
+                               "(--max-tokens); send fewer prompts per request (teacher.micro_batch_size)",
+                               status=413, param="prompt")
         for i, sequence in enumerate(prompt):
             if not all(is_id(t) and 0 <= t < self.vocab_size for t in sequence):
                 raise RequestError(f"prompt {i} holds a token id outside the vocabulary [0, {self.vocab_size})",
@@ -161,14 +192,65 @@ class ServedModel:
         return prompt
 
 
-class TeacherHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True  # a stuck client never blocks shutdown
-    allow_reuse_address = True
+class TeacherHTTPServer(HTTPServer):
+    """One listening thread hands connections to a fixed pool of ``workers`` threads; at most ``queue`` more wait,
+    and any beyond get a 503 at once, so stalled clients cannot make the server start a thread each."""
 
-    def __init__(self, address: tuple[str, int], *, log_requests: bool = True):
+    allow_reuse_address = True
+    request_queue_size = 64  # the kernel's backlog of connections not yet accepted
+
+    def __init__(self, address: tuple[str, int], *, log_requests: bool = True, api_key: str | None = None,
+                 read_timeout: float = READ_TIMEOUT, workers: int = WORKERS, queue: int | None = None):
         super().__init__(address, TeacherRequestHandler)
         self.model: ServedModel | None = None  # set once loaded: binding first makes a busy port fail fast
         self.log_requests = log_requests
+        self.api_key = api_key or None
+        self.read_timeout = read_timeout
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="serve-teacher")
+        self.slots = threading.BoundedSemaphore(workers + (4 * workers if queue is None else queue))
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            self._refuse_busy(request)
+            self.shutdown_request(request)
+            return
+        try:
+            self.pool.submit(self._serve_connection, request, client_address)
+        except RuntimeError:  # the pool is shut down: the server is closing
+            self.slots.release()
+            self.shutdown_request(request)
+
+    def _serve_connection(self, request, client_address):
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self.slots.release()
+
+    def _refuse_busy(self, request) -> None:
+        body = json.dumps({"error": {"message": "the server is busy (every worker and queue slot taken); retry",
+                                     "type": "ServiceUnavailableError", "param": None, "code": 503}}).encode()
+        head = (f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        try:
+            request.settimeout(1.0)
+            request.sendall(head + body)
+        except OSError:
+            pass
+
+    def handle_error(self, request, client_address):
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):  # a client that went away or stalled while being answered
+            if self.log_requests:
+                print(f"serve-teacher: connection from {client_address[0]} failed: {error}", file=sys.stderr)
+            return
+        super().handle_error(request, client_address)
+
+    def server_close(self):
+        super().server_close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class TeacherRequestHandler(BaseHTTPRequestHandler):
@@ -176,8 +258,35 @@ class TeacherRequestHandler(BaseHTTPRequestHandler):
     GET_ROUTES = {"/health": None, "/v1/models": ServedModel.models}
     POST_ROUTES = {"/v1/completions": ServedModel.completions, "/tokenize": ServedModel.tokenize}
 
+    def setup(self):
+        self.timeout = self.server.read_timeout  # applied to the socket by StreamRequestHandler.setup
+        super().setup()
+
+    def _authorized(self, path: str) -> bool:
+        """With an API key, every route but /health needs ``Authorization: Bearer <key>`` (constant-time check)."""
+        key = self.server.api_key
+        if key is None or path == "/health":
+            return True
+        given = self.headers.get("Authorization", "").encode()
+        if hmac.compare_digest(given, f"Bearer {key}".encode()):
+            return True
+        self._drain()  # read the body first: closing on unread data would reset the connection before the 401
+        self._error(RequestError("missing or wrong API key: send 'Authorization: Bearer <key>' (training: "
+                                 "teacher.api_key_env names the variable that holds it)", status=401))
+        return False
+
+    def _drain(self) -> None:
+        length = self.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) <= 2**20:
+            try:
+                self.rfile.read(int(length))
+            except OSError:
+                pass
+
     def do_GET(self):
         path = self.path.split("?")[0]
+        if not self._authorized(path):
+            return
         if path not in self.GET_ROUTES:
             return self._error(RequestError(f"no route GET {path}", status=404))
         route = self.GET_ROUTES[path]
@@ -187,6 +296,8 @@ class TeacherRequestHandler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         path = self.path.split("?")[0]
+        if not self._authorized(path):
+            return
         try:
             if path not in self.POST_ROUTES:
                 raise RequestError(f"no route POST {path}", status=404)
@@ -203,16 +314,23 @@ class TeacherRequestHandler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             raise RequestError("a Content-Length header is required")
-        if int(length) > MAX_BODY_BYTES:
-            raise RequestError(f"request body over {MAX_BODY_BYTES} bytes; send fewer prompts per request", status=413)
+        limit = min(MAX_BODY_BYTES, 2**20 + 16 * self.server.model.max_tokens)  # ids are at most ~8 bytes each
+        if int(length) > limit:
+            raise RequestError(f"request body over {limit} bytes; send fewer prompts per request", status=413)
         try:
-            return json.loads(self.rfile.read(int(length)))
+            data = self.rfile.read(int(length))
+        except TimeoutError as err:
+            self.close_connection = True
+            raise RequestError(f"the request body did not arrive within {self.server.read_timeout:g} s",
+                               status=408) from err
+        try:
+            return json.loads(data)
         except ValueError as err:
             raise RequestError(f"the request body is not valid JSON: {err}") from err
 
     def _error(self, err: RequestError):
-        kind = {404: "NotFoundError", 413: "RequestTooLargeError", 500: "InternalServerError"}.get(err.status,
-                                                                                                  "BadRequestError")
+        kind = {401: "AuthenticationError", 404: "NotFoundError", 408: "RequestTimeoutError",
+                413: "RequestTooLargeError", 500: "InternalServerError"}.get(err.status, "BadRequestError")
         body = {"error": {"message": str(err), "type": kind, "param": err.param, "code": err.status}}
         self._send(err.status, json.dumps(body).encode())
 
@@ -230,22 +348,33 @@ class TeacherRequestHandler(BaseHTTPRequestHandler):
 
 def build_server(model: str, host: str = "127.0.0.1", port: int = 8000, *, dtype: str = "float32",
                  device: str | None = None, served_model_name: str | None = None, micro_batch_size: int = 16,
-                 log_requests: bool = True) -> TeacherHTTPServer:
+                 log_requests: bool = True, api_key: str | None = None, max_prompts: int = MAX_PROMPTS,
+                 max_tokens: int = MAX_TOKENS, read_timeout: float = READ_TIMEOUT, workers: int = WORKERS,
+                 queue: int | None = None) -> TeacherHTTPServer:
     """Bind ``host:port`` (0: any free port, see ``server.server_address``), then load the model; the caller runs
-    ``serve_forever`` (in a thread, for tests) and ``shutdown`` + ``server_close`` to stop."""
+    ``serve_forever`` (in a thread, for tests) and ``shutdown`` + ``server_close`` to stop. ``api_key`` None reads
+    ``$REOPOLD_API_KEY`` (unset or empty: no authentication); limits and pool as in the module's docstring."""
     from reopold.models.loading import load_model, load_tokenizer
 
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1; got {micro_batch_size}")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in 0..65535; got {port}")
+    for flag, value in {"--micro-batch-size": micro_batch_size, "--max-prompts": max_prompts,
+                        "--max-tokens": max_tokens, "--workers": workers}.items():
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1; got {value}")
+    if not read_timeout > 0 or (queue is not None and queue < 0):
+        raise ValueError(f"--read-timeout must be > 0 and --queue >= 0; got {read_timeout}, {queue}")
+    api_key = os.environ.get(API_KEY_ENV) if api_key is None else api_key
     try:
-        server = TeacherHTTPServer((host, port), log_requests=log_requests)
+        server = TeacherHTTPServer((host, port), log_requests=log_requests, api_key=api_key,
+                                   read_timeout=read_timeout, workers=workers, queue=queue)
     except OSError as err:
         raise OSError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port") from err
     try:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         lm = load_model(model, dtype=dtype, device=device, trainable=False)
         server.model = ServedModel(lm, load_tokenizer(model), served_model_name or model,
-                                   micro_batch_size=micro_batch_size)
+                                   micro_batch_size=micro_batch_size, max_prompts=max_prompts, max_tokens=max_tokens)
     except BaseException:
         server.server_close()
         raise
@@ -255,9 +384,12 @@ def build_server(model: str, host: str = "127.0.0.1", port: int = 8000, *, dtype
 def serve_teacher(model: str, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
     """Serve ``model`` until interrupted (Ctrl-C); ``options`` as in ``build_server``."""
     server = build_server(model, host, port, **options)
-    if host not in LOOPBACK:
-        print(f"warning: listening on {host}: no authentication or TLS, so anyone who can reach this port can use "
-              "the model; keep it on a private network", file=sys.stderr)
+    if host not in LOOPBACK and server.api_key is None:
+        print(f"warning: listening on {host}: no authentication (--api-key or ${API_KEY_ENV}) or TLS, so anyone who "
+              "can reach this port can use the model; keep it on a private network", file=sys.stderr)
+    elif host not in LOOPBACK:
+        print(f"warning: listening on {host} without TLS: the API key travels in clear; keep it on a private "
+              "network", file=sys.stderr)
     bound_host, bound_port = server.server_address[:2]
     print(f"serving {server.model.name} on {server.model.device} at http://{bound_host}:{bound_port} "
           f"(teacher.url: http://{bound_host}:{bound_port}, teacher.model: {server.model.name})", flush=True)

@@ -70,6 +70,31 @@ def whole_models(accelerator):
         accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
+def check_extension_locks(max_age: float = 600.0) -> None:
+    """DeepSpeed builds some C++ ops on first use (on CPU: its shared-memory collectives) in torch's extensions folder
+    (``$TORCH_EXTENSIONS_DIR``, else the per-user ``~/.cache/torch_extensions``), under a lock file that torch waits
+    on forever; a build killed midway leaves that lock behind. One older than ``max_age`` seconds (a build takes about
+    a minute) is stale: stop with one line saying how to clear it, instead of hanging."""
+    import os
+    import time
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if age > max_age:
+            raise ConfigError(
+                f"a stale lock {lock} ({age / 60:.0f} minutes old) from an interrupted DeepSpeed extension build would "
+                f"make this run wait forever; delete it (rm {lock}) if no build is running, or set "
+                "TORCH_EXTENSIONS_DIR to a fresh folder"
+            )
+
+
 def configure_deepspeed(accelerator, *, micro_batch_size: int, micro_batches: int, grad_clip: float) -> None:
     """Write the trainer's batch sizes and clipping into the DeepSpeed config, before ``accelerator.prepare``.
 

@@ -3,36 +3,154 @@ launch's precision, trackers, a served teacher's key), and the teacher's greedy 
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 from reopold.config.loader import ConfigError, load_config
 from reopold.config.schema import TrainConfig
 from reopold.rollout import HFRolloutEngine
-from reopold.train.checkpoint import latest_checkpoint
+from reopold.train.checkpoint import latest_intact_checkpoint
 
 CONFIG_FILE = "config.yaml"
 
 
 def prepare_run_dir(config: TrainConfig, resume: str | None, *, main: bool = True) -> tuple[Path, Path | None]:
-    """The run folder, and the checkpoint to resume from (None for a fresh run). Only the main process deletes."""
+    """The run folder, and the checkpoint to resume from (None for a fresh run: the newest intact one, see
+    ``latest_intact_checkpoint``). The main process claims the folder first (``claim_run_dir``: a second process on
+    the same run is refused), and only it deletes; ``release_run_dir`` gives the claim back."""
+    run_dir = Path(resume) if resume is not None else Path(config.run.output_dir) / config.run_name
+    if resume is not None and not run_dir.is_dir():
+        raise FileNotFoundError(f"no run folder {run_dir} to resume")
+    if main:
+        claim_run_dir(run_dir)
+    try:
+        return run_dir, _checked_run_dir(config, run_dir, resume, main)
+    except BaseException:
+        if main:
+            release_run_dir(run_dir)
+        raise
+
+
+def _checked_run_dir(config: TrainConfig, run_dir: Path, resume: str | None, main: bool) -> Path | None:
     if resume is not None:
-        run_dir = Path(resume)
-        checkpoint = latest_checkpoint(run_dir)
+        checkpoint = latest_intact_checkpoint(run_dir, announce=main)
         if checkpoint is None:
             raise FileNotFoundError(f"{resume} has no complete checkpoint to resume from")
-        return run_dir, checkpoint
-    run_dir = Path(config.run.output_dir) / config.run_name
-    if run_dir.exists() and any(run_dir.iterdir()):
+        return checkpoint
+    contents = [p for p in run_dir.iterdir() if p.name != LOCK_FILE] if run_dir.is_dir() else []
+    if contents:
         if not config.run.overwrite:
             raise FileExistsError(
                 f"run folder {run_dir} already exists. Resume it with `reopold train --resume {run_dir}`, "
                 "choose another --run.name, or pass --run.overwrite true to start it over"
             )
-        if main:
-            shutil.rmtree(run_dir)
-    return run_dir, None
+        for path in contents if main else []:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    return None
+
+
+# ---- one process per run folder ----------------------------------------------------------------------------------
+LOCK_FILE = ".lock"
+_HELD: set[Path] = set()  # run folders this process has claimed
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Claim ``run_dir`` for this process: ``<run_dir>/.lock``, created with O_CREAT|O_EXCL, holds "pid host".
+
+    A lock whose process no longer runs on this host (killed, crashed) is taken over; one held by a live process,
+    or by any process on another host (its liveness cannot be checked from here), refuses with one line. Taking over
+    is serialised by a second short-lived lock, so two processes cannot both break the same stale lock. Released by
+    ``release_run_dir`` (and at exit).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK_FILE
+    for _ in range(20):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None:
+                raise FileExistsError(
+                    f"run folder {run_dir} is in use by another reopold process ({holder}); wait for it to end or "
+                    f"choose another --run.name (if that process is gone, delete {lock})"
+                ) from None
+            _break_stale_lock(lock)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{os.getpid()} {socket.gethostname()}\n")
+        _HELD.add(run_dir.resolve())
+        atexit.register(release_run_dir, run_dir)
+        return
+    raise FileExistsError(f"could not claim run folder {run_dir}: its lock {lock} keeps changing hands")
+
+
+def release_run_dir(run_dir: Path) -> None:
+    """Give back this process's claim on ``run_dir``; a run folder left empty (nothing was written) is removed."""
+    key = Path(run_dir).resolve()
+    if key not in _HELD:
+        return
+    _HELD.discard(key)
+    (key / LOCK_FILE).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        key.rmdir()  # only when empty
+
+
+def _lock_holder(lock: Path) -> str | None:
+    """Who holds ``lock`` ("pid N on this host"), or None when nobody does any more."""
+    try:
+        text = lock.read_text().split()
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return None  # released meanwhile: try again
+    if len(text) < 2 or not text[0].isdigit():
+        return "a process claiming it right now" if age < 10 else None  # written just after O_EXCL, or garbage
+    pid, host = int(text[0]), text[1]
+    if host != socket.gethostname():
+        return f"pid {pid} on host {host}"
+    if pid == os.getpid():  # this process: a double claim, or a lock left by an earlier container with our pid
+        return f"pid {pid}, this process" if lock.parent.resolve() in _HELD else None
+    return f"pid {pid} on this host" if _alive(pid) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    try:  # a zombie (killed, not yet reaped by its parent) holds nothing
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _break_stale_lock(lock: Path) -> None:
+    """Delete ``lock`` if it is still the stale one, under a short-lived second lock (so a fresh lock taken by
+    another process in between is never deleted)."""
+    breaker = lock.with_name(LOCK_FILE + ".break")
+    try:
+        fd = os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - breaker.stat().st_mtime > 30:  # its owner died in these few lines
+                breaker.unlink()
+        time.sleep(0.1)
+        return
+    try:
+        os.close(fd)
+        if _lock_holder(lock) is None:
+            lock.unlink(missing_ok=True)
+    finally:
+        breaker.unlink(missing_ok=True)
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> TrainConfig:

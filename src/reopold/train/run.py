@@ -8,6 +8,7 @@ mistake fails in seconds, not after the models have loaded.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 
 from reopold.config.loader import ConfigError, save_config
 from reopold.config.schema import TrainConfig
+from reopold.errors import TrainingStopped
 from reopold.models.loading import (
     apply_lora,
     check_output_size,
@@ -35,6 +37,7 @@ from reopold.train.algorithms import build_algorithm
 from reopold.train.checkpoint import load_state, set_rng_state
 from reopold.train.distributed import (
     ShardedLM,
+    check_extension_locks,
     configure_deepspeed,
     deepspeed_stage,
     describe_launch,
@@ -49,6 +52,7 @@ from reopold.train.preflight import (
     check_trackers,
     preflight_teacher,
     prepare_run_dir,
+    release_run_dir,
     resume_config,
     teacher_api_key,
 )
@@ -61,14 +65,22 @@ def train(config: TrainConfig, *, resume: str | None = None, engine: RolloutEngi
     """Run (or resume) training; returns the run folder. ``engine`` replaces the student's rollout engine."""
     from transformers.utils import logging as hf_logging
 
-    from reopold.evaluation.report import write_report
-
     hf_logging.disable_progress_bar()  # weight loading/saving bars would bury the training bar
     check_trackers(config)
     check_launch_precision(config)
     accelerator = build_accelerator(config, engine_given=engine is not None)
-    run_dir, checkpoint = prepare_run_dir(config, resume, main=accelerator.is_main_process)
-    accelerator.wait_for_everyone()
+    run_dir, checkpoint = claim_run(config, resume, accelerator)
+    try:
+        return _train(config, run_dir, checkpoint, accelerator, engine)
+    finally:
+        if accelerator.is_main_process:
+            release_run_dir(run_dir)
+
+
+def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, accelerator, engine) -> Path:
+    from reopold.evaluation.report import write_report
+
+    set_threads(config, accelerator)
     source = StudentSource.of(config, checkpoint)
     task, prompts = build_prompts(config, accelerator)
     tokenizer, teacher = check_models(config, source, accelerator)
@@ -89,6 +101,7 @@ def train(config: TrainConfig, *, resume: str | None = None, engine: RolloutEngi
     trainer = Trainer(config, run_dir, accelerator=accelerator, student=student, backends=backends, prompts=prompts,
                       optimization=optimization, algorithm=build_algorithm(config, len(tokenizer)), logger=logger)
     trainer.state = state
+    warn_if_oversubscribed(accelerator)
     try:
         trainer.fit()
     finally:
@@ -99,6 +112,78 @@ def train(config: TrainConfig, *, resume: str | None = None, engine: RolloutEngi
         accelerator.wait_for_everyone()
         accelerator.end_training()
     return run_dir
+
+
+def claim_run(config: TrainConfig, resume: str | None, accelerator) -> tuple[Path, Path | None]:
+    """The run folder, claimed by the main process (a second process on the same run is refused), and the
+    checkpoint to resume from. Every process stops when the main one could not claim it."""
+    failure = None
+    try:
+        run_dir, checkpoint = prepare_run_dir(config, resume, main=accelerator.is_main_process)
+    except Exception as err:
+        failure = err
+    if accelerator.num_processes > 1:
+        failed = accelerator.reduce(torch.tensor(float(failure is not None), device=accelerator.device), "sum")
+        if failure is None and float(failed) > 0:
+            if accelerator.is_main_process:
+                release_run_dir(run_dir)
+            failure = TrainingStopped("another process could not prepare the run folder (see its message)")
+    if failure is not None:
+        raise failure
+    accelerator.wait_for_everyone()
+    return run_dir, checkpoint
+
+
+def set_threads(config: TrainConfig, accelerator) -> None:
+    """torch's CPU threads: run.threads, or the safe default (``auto_threads``)."""
+    threads = config.run.threads or auto_threads()
+    if threads:
+        torch.set_num_threads(threads)
+
+
+_warned_busy = False
+
+
+def warn_if_oversubscribed(accelerator) -> None:
+    """Once per process, as training starts: say so when other work competes for the CPU cores."""
+    global _warned_busy
+    busy = oversubscribed()
+    if busy and accelerator.is_main_process and not _warned_busy:
+        _warned_busy = True
+        print(f"reopold: warning: {busy}", file=sys.stderr)
+
+
+def auto_threads(cores: int | None = None, environ=None) -> int | None:
+    """run.threads' default: 1 on 2 cores or fewer, else None (torch's default); None too when OMP_NUM_THREADS is
+    set (the user chose). On 2 cores a second thread gains at most 2x on an idle machine, and on a shared one it lost
+    about 10x: demo steps took 51-61 s with 2 threads, 4-7 s with 1, at load average 9-11 (docs/training.md)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = cores or available_cores()
+    return 1 if cores <= 2 else None
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def oversubscribed(load: float | None = None, cores: int | None = None) -> str | None:
+    """A warning when the 1-minute load average exceeds the cores (other jobs compete for them), else None."""
+    if torch.cuda.is_available() and load is None:
+        return None  # the work is on the GPU
+    try:
+        load = os.getloadavg()[0] if load is None else load
+    except OSError:
+        return None
+    cores = cores or available_cores()
+    if load <= cores:
+        return None
+    return (f"this machine is busy (load average {load:.1f} on {cores} cores): steps will be slower, and much slower "
+            f"with more torch threads than free cores; torch uses {torch.get_num_threads()} (run.threads)")
 
 
 def build_accelerator(config: TrainConfig, *, engine_given: bool):
@@ -114,6 +199,7 @@ def build_accelerator(config: TrainConfig, *, engine_given: bool):
     if launch and accelerator.is_main_process:  # what accelerate made of a launch, before anything slow
         print(launch, file=sys.stderr)
     if deepspeed_stage(accelerator) is not None:
+        check_extension_locks()
         rows = config.optim.mini_batch_prompts // accelerator.num_processes * config.rollout.samples_per_prompt
         configure_deepspeed(accelerator, micro_batch_size=config.optim.micro_batch_size,
                             micro_batches=math.ceil(rows / config.optim.micro_batch_size),
@@ -147,8 +233,6 @@ def build_prompts(config: TrainConfig, accelerator) -> tuple[Task, Prompts]:
     eval_problems = task.problems(config.data.eval_split, config.data.eval_problems)
     if not eval_problems:
         raise ValueError(f"the {config.data.eval_split} split holds no problems; add prompts to the file")
-    if config.run.threads:
-        torch.set_num_threads(config.run.threads)
     sampler = PromptSampler(train_problems, config.rollout.prompts_per_step, config.run.seed)
     return task, Prompts(sampler=sampler, eval_problems=eval_problems)
 

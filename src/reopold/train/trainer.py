@@ -199,6 +199,15 @@ class Trainer:
 
         bar = tqdm(total=config.run.steps, initial=state.step, disable=not (config.run.progress and is_main),
                    desc=f"{config.algo.name}", dynamic_ncols=True)
+        try:
+            self._fit(bar)
+        finally:  # Ctrl-C or a stop: the bar's line ends before the message that follows it
+            bar.close()
+        return state
+
+    def _fit(self, bar) -> None:
+        config, state = self.config, self.state
+        is_main = self.accelerator.is_main_process
         while state.step < config.run.steps:
             record = self.train_step(state.step)
             if is_main:
@@ -217,8 +226,6 @@ class Trainer:
                 self.evaluate_and_log()
             if state.step % config.run.save_every == 0 or last:
                 self.save()
-        bar.close()
-        return state
 
     def train_step(self, step: int) -> dict:
         """One rollout step: rollout -> score -> shape -> update -> weight sync; returns its metrics record."""
