@@ -9,8 +9,8 @@ add them with a scratchpad). Every training example is a fresh train-split probl
 colours and jitter. The loss covers completion tokens and eos only. AdamW, linear warmup then cosine
 decay. Each model stops at the first progress eval whose validation greedy accuracy reaches its
 threshold (--teacher-stop, --student-stop) or after its step budget; the smaller student's low threshold
-makes it ship well below the teacher, with room to gain from distillation. Prints greedy and temperature-1.0 exact-answer accuracy
-on held-out test problems at the end of each model.
+makes it ship well below the teacher, with room to gain from distillation. Prints greedy and
+temperature-1.0 exact-answer accuracy on held-out test problems at the end of each model.
 """
 
 from __future__ import annotations

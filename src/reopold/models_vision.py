@@ -70,7 +70,7 @@ def build_vlm_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
 
 
 def build_image_processor(side: int = IMAGE_SIDE):
-    """``Qwen2VLImageProcessorPil`` (no torchvision) that resizes every image to ``side`` x ``side`` (side a multiple of 28)."""
+    """``Qwen2VLImageProcessorPil`` (no torchvision) resizing every image to ``side`` x ``side`` (a multiple of 28)."""
     from transformers import Qwen2VLImageProcessorPil  # the torchvision-free backend
 
     if side % 28:
