@@ -153,14 +153,12 @@ def test_save_and_load_round_trip(setup, tmp_path):
     model, processor, enc = setup
     save_vlm(model, processor, tmp_path)
     loaded, loaded_processor = load_vlm(tmp_path)
-    texts = processor.tokenizer.batch_decode(enc["input_ids"], skip_special_tokens=False)
     assert loaded_processor.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
     assert not hasattr(loaded_processor, "video_processor")
     with torch.no_grad():
         a = model(**enc).logits
         b = loaded.eval()(**enc).logits
     assert torch.equal(a, b)
-    assert len(texts) == 3
 
 
 def test_visual_task_answer_needs_the_image():
