@@ -1,0 +1,159 @@
+"""Add two numbers read from an image, with a step-by-step scratchpad: the bundled visual demo task.
+
+Each problem is a 56x56 RGB image showing two 2-digit numbers, one per row, every digit a fixed 5x7
+bitmap glyph scaled 3x and drawn into its own 28x28 cell (jittered by up to 2 pixels, random dark ink on
+a random light background). The prompt text is the same for every problem, so only the image
+determines the answer. A gold completion first transcribes the numbers, then adds units and tens
+separately and combines them, then gives the answer after a colon:
+
+    image shows 47 over 36  ->  47+36=7+6=13;40+30=70;70+13=83:83
+
+With the vision processor of ``reopold.models_vision`` (patch 14, merge 2) a 28x28 cell is exactly one
+image token, so the image is 4 tokens: the two digits of the top number, then the two of the bottom one.
+
+Splits are a fixed function of the unordered pair of numbers (a stable hash, as in
+``reopold.tasks.arithmetic``), so train, validation and test never share a pair, not even as ``a+b``
+versus ``b+a``. Only the final answer is checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+SPLITS = ("train", "validation", "test")
+HELD_OUT_SHARE = {"validation": 0.05, "test": 0.10}
+
+CELL = 28  # pixels per digit cell = one image token (patch 14 x spatial merge 2)
+SCALE = 3  # glyph pixel -> SCALE x SCALE image pixels (5x7 glyph -> 15x21)
+JITTER = 2  # max glyph offset from the cell centre, in pixels, each axis
+
+# 5x7 bitmap digits, one string per row ("#" = ink).
+GLYPHS = {
+    "0": (" ### ", "#   #", "#  ##", "# # #", "##  #", "#   #", " ### "),
+    "1": ("  #  ", " ##  ", "  #  ", "  #  ", "  #  ", "  #  ", " ### "),
+    "2": (" ### ", "#   #", "    #", "   # ", "  #  ", " #   ", "#####"),
+    "3": ("#####", "   # ", "  #  ", "   # ", "    #", "#   #", " ### "),
+    "4": ("   # ", "  ## ", " # # ", "#  # ", "#####", "   # ", "   # "),
+    "5": ("#####", "#    ", "#### ", "    #", "    #", "#   #", " ### "),
+    "6": ("  ## ", " #   ", "#    ", "#### ", "#   #", "#   #", " ### "),
+    "7": ("#####", "    #", "   # ", "  #  ", " #   ", " #   ", " #   "),
+    "8": (" ### ", "#   #", "#   #", " ### ", "#   #", "#   #", " ### "),
+    "9": (" ### ", "#   #", "#   #", " ####", "    #", "   # ", " ##  "),
+}
+_GLYPH_ARRAYS = {d: np.array([[c == "#" for c in row] for row in rows]) for d, rows in GLYPHS.items()}  # (7, 5)
+
+_ANSWER = re.compile(r"^[0-9+=;]*:(0|[1-9][0-9]*)$")
+PROMPT = "add the numbers"
+
+
+@dataclass(frozen=True, eq=False)
+class VisualProblem:
+    """One task instance: the image, the prompt text shown beside it, and the exact final answer."""
+
+    image: np.ndarray  # (56, 56, 3) uint8, RGB
+    prompt: str  # the user text after the image (the same for every problem)
+    answer: str  # e.g. "83"
+    numbers: tuple[int, int]  # (top, bottom), for building gold scratchpads and for debugging
+
+
+def _split_of(a: int, b: int) -> str:
+    """Which split the unordered pair {a, b} belongs to (stable across runs and machines)."""
+    lo, hi = min(a, b), max(a, b)
+    digest = hashlib.blake2b(f"visual:{lo}+{hi}".encode(), digest_size=8).digest()
+    u = int.from_bytes(digest, "big") / 2**64  # uniform in [0, 1)
+    if u < HELD_OUT_SHARE["test"]:
+        return "test"
+    if u < HELD_OUT_SHARE["test"] + HELD_OUT_SHARE["validation"]:
+        return "validation"
+    return "train"
+
+
+def draw_numbers(top: int, bottom: int, rng: random.Random) -> np.ndarray:
+    """A (56, 56, 3) uint8 image: ``top`` in the upper row of cells, ``bottom`` in the lower one."""
+    background = [rng.randint(170, 255) for _ in range(3)]
+    ink = [rng.randint(0, 90) for _ in range(3)]
+    image = np.empty((2 * CELL, 2 * CELL, 3), dtype=np.uint8)
+    image[:] = background
+    for row, number in enumerate((top, bottom)):
+        for col, digit in enumerate(f"{number:02d}"):
+            glyph = _GLYPH_ARRAYS[digit].repeat(SCALE, 0).repeat(SCALE, 1)  # (21, 15)
+            gh, gw = glyph.shape
+            y = row * CELL + (CELL - gh) // 2 + rng.randint(-JITTER, JITTER)
+            x = col * CELL + (CELL - gw) // 2 + rng.randint(-JITTER, JITTER)
+            image[y:y + gh, x:x + gw][glyph] = ink
+    return image
+
+
+class VisualAdditionTask:
+    """Read two 2-digit numbers (10-99) from a 56x56 image and add them with a scratchpad."""
+
+    name = "visual-addition"
+
+    def __init__(self) -> None:
+        self.alphabet = "0123456789+=;:"  # every character a completion can contain
+
+    def __repr__(self) -> str:
+        return "VisualAdditionTask()"
+
+    # ---- problems -------------------------------------------------------------------------------------
+    def make_problem(self, top: int, bottom: int, rng: random.Random) -> VisualProblem:
+        """The problem showing ``top`` over ``bottom``, drawn with colours and jitter from ``rng``."""
+        if not (10 <= top <= 99 and 10 <= bottom <= 99):
+            raise ValueError(f"numbers must be in [10, 99], got {top}, {bottom}")
+        return VisualProblem(image=draw_numbers(top, bottom, rng), prompt=PROMPT, answer=str(top + bottom),
+                             numbers=(top, bottom))
+
+    def sample_problem(self, rng: random.Random, split: str = "train") -> VisualProblem:
+        """One random problem of ``split`` (with replacement; for streaming training data)."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        while True:
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            if _split_of(a, b) == split:
+                return self.make_problem(a, b, rng)
+
+    def problems(self, split: str, n: int) -> list[VisualProblem]:
+        """The first ``n`` distinct problems of ``split`` (a fixed, seeded order: same call, same list).
+
+        Raises ValueError for an unknown split or when ``n`` exceeds the split's number of ordered pairs.
+        """
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        pairs = [(a, b) for a in range(10, 100) for b in range(10, 100) if _split_of(a, b) == split]
+        if n > len(pairs):
+            raise ValueError(f"n={n} is too many for split {split!r} (it has {len(pairs)} problems)")
+        rng = random.Random(f"{self.name}-{split}")
+        rng.shuffle(pairs)
+        return [self.make_problem(a, b, rng) for a, b in pairs[:n]]
+
+    def max_completion_chars(self) -> int:
+        """An upper bound on the length of any gold completion (for ``max_new_tokens``)."""
+        return len(self.solution(VisualProblem(image=np.zeros((1, 1, 3), np.uint8), prompt=PROMPT,
+                                               answer="198", numbers=(99, 99))))
+
+    def messages(self, problem: VisualProblem) -> list[dict]:
+        """The chat messages of ``problem``: one user turn, the image then the prompt text."""
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": problem.prompt}]}]
+
+    # ---- gold solutions -------------------------------------------------------------------------------
+    def solution(self, problem: VisualProblem) -> str:
+        """The gold completion (text after the prompt, without eos): transcribe, units, tens, combine."""
+        a, b = problem.numbers
+        units, tens = a % 10 + b % 10, (a // 10 + b // 10) * 10
+        steps = [f"{a % 10}+{b % 10}={units}", f"{a // 10 * 10}+{b // 10 * 10}={tens}", f"{tens}+{units}={a + b}"]
+        return f"{a}+{b}=" + ";".join(steps) + f":{a + b}"
+
+    # ---- checking -------------------------------------------------------------------------------------
+    def parse_answer(self, completion: str) -> str | None:
+        """The final answer of a completion, or None when it is malformed (same rule as arithmetic)."""
+        m = _ANSWER.fullmatch(completion.strip())
+        return m.group(1) if m else None
+
+    def check(self, problem: VisualProblem, completion: str) -> bool:
+        """Exact final-answer match (the scratchpad itself is not graded)."""
+        return self.parse_answer(completion) == problem.answer
