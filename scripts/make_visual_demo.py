@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from reopold.models_vision import build_processor, build_tiny_vlm, build_vlm_tokenizer, never_sampled_ids, save_vlm
+from reopold.models.vision import build_processor, build_tiny_vlm, build_vlm_tokenizer, never_sampled_ids, save_vlm
 from reopold.tasks.visual import VisualAdditionTask, VisualProblem
 
 SIZES = {  # text hidden/layers/heads/kv heads, vision hidden/depth/heads

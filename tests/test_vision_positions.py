@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from reopold.models_vision import (  # noqa: E402
+from reopold.models.vision import (  # noqa: E402
     IMAGE_PAD,
     build_processor,
     build_tiny_vlm,

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from reopold.models_vision import forced_inputs, load_vlm  # noqa: E402
+from reopold.models.vision import forced_inputs, load_vlm  # noqa: E402
 from reopold.tasks.visual import VisualAdditionTask  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "reopold" / "assets" / "demo-visual"

@@ -8,7 +8,7 @@ separately and combines them, then gives the answer after a colon:
 
     image shows 47 over 36  ->  47+36=7+6=13;40+30=70;70+13=83:83
 
-With the vision processor of ``reopold.models_vision`` (patch 14, merge 2) a 28x28 cell is exactly one
+With the vision processor of ``reopold.models.vision`` (patch 14, merge 2) a 28x28 cell is exactly one
 image token, so the image is 4 tokens: the two digits of the top number, then the two of the bottom one.
 
 Splits are a fixed function of the unordered pair of numbers (a stable hash, as in
