@@ -67,12 +67,7 @@ def fake_vllm(monkeypatch):
     module.LLM = FakeLLM
     module.SamplingParams = lambda **kwargs: SimpleNamespace(kwargs=kwargs)
     module.envs = SimpleNamespace(VLLM_ENABLE_V1_MULTIPROCESSING=False)
-    parallel_state = types.ModuleType("vllm.distributed.parallel_state")
-    parallel_state.cleanup_dist_env_and_memory = lambda: parallel_state.cleanups.append(1)
-    parallel_state.cleanups = []
     monkeypatch.setitem(sys.modules, "vllm", module)
-    monkeypatch.setitem(sys.modules, "vllm.distributed", types.ModuleType("vllm.distributed"))
-    monkeypatch.setitem(sys.modules, "vllm.distributed.parallel_state", parallel_state)
     return module
 
 
@@ -170,11 +165,10 @@ def test_sync_weights_to_an_engine_process_goes_through_a_safetensors_file(fake_
     assert not __import__("os").path.exists(kwargs["path"])  # the hand-over folder goes with the engine
 
 
-def test_close_shuts_the_engine_down_and_tears_down_vllm_process_groups(fake_vllm, tokenizer):
+def test_close_shuts_the_engine_down(fake_vllm, tokenizer):
     with VLLMRolloutEngine.offline("m", tokenizer, max_new_tokens=4) as engine:
         pass
     assert engine.backend.llm.shutdowns == 1
-    assert sys.modules["vllm.distributed.parallel_state"].cleanups == [1]
 
 
 @pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "1.0.0"])

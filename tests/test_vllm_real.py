@@ -9,6 +9,8 @@ Everything runs in fp32, so vLLM and Hugging Face should agree to float rounding
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import socket
@@ -220,6 +222,50 @@ class TestTiedStudent:
             assert max_gap(vllm_prompt_logprobs(engine, PROMPTS), hf_prompt_logprobs(student, PROMPTS)) < 1e-4
 
 
+def test_training_with_the_vllm_engine_learns_and_leaves_the_engine_on_the_final_student(tmp_path):
+    from reopold.checkpoint import latest_checkpoint
+    from reopold.config import from_dict
+    from reopold.run import train
+    from reopold.train_config import TrainConfig
+    from tests.tiny import make_model, tiny_config
+
+    teacher = make_model(tmp_path / "teacher", hidden=64, layers=2, seed=1, sharpness=8.0)
+    student = make_model(tmp_path / "student", hidden=64, layers=1, seed=2)  # 2 heads of 32
+    config = from_dict(TrainConfig, tiny_config(tmp_path, teacher, student, rollout={"engine": "vllm"},
+                                                run={"steps": 6, "eval_every": 3, "save_every": 6}))
+    engine, _ = start_engine(student)
+    engine.temperature = config.rollout.temperature
+    engine.max_new_tokens = config.rollout.max_new_tokens
+    with engine:
+        run_dir = train(config, engine=engine)  # the trainer syncs after every update
+        final = load(latest_checkpoint(run_dir))
+        gap = max_gap(vllm_prompt_logprobs(engine, PROMPTS), hf_prompt_logprobs(final, PROMPTS))
+    report("after 6 training steps, vLLM vs the saved final student, max abs diff", gap)
+    assert gap < 1e-4
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    kl = [r["reverse_kl"] for r in rows if r["kind"] == "eval"]
+    report("held-out reverse KL, step 0 -> 6 (vLLM rollouts)", kl[-1] / kl[0])
+    assert kl[-1] < 0.8 * kl[0]
+
+
+def test_a_lora_run_with_a_vllm_engine_built_from_the_config(tmp_path):
+    from reopold.config import from_dict
+    from reopold.run import train
+    from reopold.train_config import TrainConfig
+    from tests.tiny import make_model, tiny_config
+
+    teacher = make_model(tmp_path / "teacher", hidden=64, layers=2, seed=1, sharpness=8.0)
+    student = make_model(tmp_path / "student", hidden=64, layers=1, seed=2)
+    config = from_dict(TrainConfig, tiny_config(
+        tmp_path, teacher, student, rollout={"engine": "vllm", "vllm_cpu_kv_cache_mb": 64},
+        lora={"r": 8, "alpha": 16.0}, optim={"lr": 1e-2}, run={"steps": 2, "eval_every": 0, "save_every": 2},
+    ))  # fmt: skip
+    run_dir = train(config)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in train_rows)
+
+
 def test_a_script_that_closes_the_engine_exits_cleanly(tmp_path):
     path = make_student(tmp_path / "model", tied=False, seed=3)
     script = textwrap.dedent(f"""
@@ -257,6 +303,39 @@ def wait_until_healthy(url: str, server: subprocess.Popen, timeout: float = 240.
             pass
         time.sleep(1.0)
     raise TimeoutError(f"the vLLM server at {url} did not answer /health within {timeout} s")
+
+
+@pytest.mark.slow  # a separate engine process starts in 1-3 minutes here: -m "vllm and slow"
+def test_sync_into_a_separate_engine_process_goes_through_a_file(tmp_path):
+    path = make_student(tmp_path / "model", tied=True, seed=5)
+    script = tmp_path / "sync.py"  # vLLM spawns its engine process: the script needs a __main__ guard
+    script.write_text(textwrap.dedent(f"""
+        from pathlib import Path
+        from tests.test_vllm_real import PROMPTS, hf_prompt_logprobs, load, max_gap, perturb, start_engine
+        from tests.test_vllm_real import vllm_prompt_logprobs
+
+        if __name__ == "__main__":
+            path = Path({str(path)!r})
+            engine, _ = start_engine(path)
+            assert not engine.backend.in_process
+            student = load(path)
+            for seed in (1, 2):
+                perturb(student, seed=seed, scale=0.3)
+                engine.sync_weights(student)
+                print("gap", max_gap(vllm_prompt_logprobs(engine, PROMPTS), hf_prompt_logprobs(student, PROMPTS)))
+            folder = engine.backend.sync_dir
+            engine.close()
+            print("folder left", folder.exists())
+    """))
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=480, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    gaps = [float(line.split()[1]) for line in lines if line.startswith("gap")]
+    assert len(gaps) == 2 and max(gaps) < 1e-4, lines
+    assert lines[-1] == "folder left False"
 
 
 def free_port() -> int:

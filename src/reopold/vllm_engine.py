@@ -36,9 +36,11 @@ The offline backend was run against vLLM 0.32.0 (the CPU build); file references
   are merged (W + B A alpha / r, into new tensors; the student keeps its adapters) before sending.
   The prefix cache holds KV computed with the old weights, so ``LLM.reset_prefix_cache()`` follows every reload.
   These are vLLM internals: ``check_vllm_version`` refuses releases outside ``CHECKED_VLLM``.
-- Shutdown: ``close()`` shuts the engine core down (``LLMEngine.engine_core.shutdown()``) and tears down vLLM's
-  process groups (``vllm.distributed.parallel_state.cleanup_dist_env_and_memory``). Without it an engine left to
-  interpreter exit occasionally aborted the process after a run had finished.
+- Shutdown: ``close()`` shuts the engine core down (``LLM.llm_engine.engine_core.shutdown()``; in process this
+  also destroys the torch.distributed groups vLLM created, vllm/v1/engine/core.py). Without it an engine left to
+  interpreter exit occasionally aborted the process after a run had finished. An in-process engine initialises
+  torch.distributed (one gloo rank) in the trainer's process: nothing else may destroy that group before
+  ``close()``.
 - Server mode: TRL's ``VLLMClient`` (``trl.generation.vllm_client`` in current TRL, ``trl.extras.vllm_client``
   before) with ``generate(prompts, n=, repetition_penalty=, temperature=, top_p=, top_k=, min_p=, max_tokens=)``
   (prompt-major results; a list of completion ids in old releases, a dict with ``"completion_ids"`` in new ones),
@@ -223,10 +225,7 @@ class OfflineLLM:
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
 
     def close(self) -> None:
-        self.llm.llm_engine.engine_core.shutdown()
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-        cleanup_dist_env_and_memory()
+        self.llm.llm_engine.engine_core.shutdown()  # also destroys the process groups an in-process engine made
         if self.sync_dir is not None:
             shutil.rmtree(self.sync_dir, ignore_errors=True)
             self.sync_dir = None
