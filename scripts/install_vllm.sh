@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a second environment, .venv-vllm (VENV overrides), with vLLM's CPU build and reopold, for the vLLM engine
-# and the vLLM tests (.venv-vllm/bin/python -m pytest -m vllm) on a machine without a GPU. Safe to run again: each
+# and the vLLM tests (.venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_real.py) on a machine without a GPU. Safe to run again: each
 # step is skipped when already done. About 5 minutes and 3.8 GB on a fresh machine.
 #
 # Why each step:

@@ -1,7 +1,7 @@
 """A real vLLM against the Hugging Face student: sampling distribution, prompt and sampled-token log-probs, weight sync
 (untied and tied heads, full and LoRA students), a clean shutdown, and the remote teacher client against vLLM's
 OpenAI server. Needs vLLM (the CPU build: scripts/install_vllm.sh); run with
-``.venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_real.py``.
+``.venv-vllm/bin/python -m pytest -m "vllm and not slow" tests/test_vllm_real.py`` (add the slow one with ``-m vllm``).
 
 The models are tiny Llamas built here (no downloads) with head_dim 32: vLLM's CPU attention supports 32, 64, ...
 Everything runs in fp32, so vLLM and Hugging Face should agree to float rounding.
