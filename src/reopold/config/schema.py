@@ -127,12 +127,14 @@ class RolloutConfig:
     samples_per_prompt: int = option(8, "responses the student samples per prompt (n)")
     max_new_tokens: int = option(8192, "maximum response length in tokens")
     temperature: float = option(1.0, "sampling temperature; student log-probs are taken at the same one")
-    engine: str = option("hf", "student sampler: hf (transformers generate, CPU or GPU) or vllm (GPU, "
-                         "pip install 'reopold[vllm]'; weights are synced into it after every step)",
-                         choices=("hf", "vllm"))
+    engine: str = option("hf", "student sampler: hf (transformers generate) or vllm (pip install "
+                         "'reopold[vllm]' on GPU, scripts/install_vllm.sh on CPU; weights are synced into it after "
+                         "every step)", choices=("hf", "vllm"))
     vllm_url: str | None = option(None, "with rollout.engine=vllm: a TRL `trl vllm-serve` server to sample from "
                                   "instead of a vLLM engine colocated in this process")
     vllm_gpu_memory: float = option(0.3, "with a colocated vLLM engine: fraction of GPU memory it may take")
+    vllm_cpu_kv_cache_mb: int = option(512, "with a colocated vLLM engine on CPU: its KV cache in MiB (vLLM's CPU "
+                                       "build otherwise reserves most of the machine's memory)")
 
 
 @dataclass
@@ -219,9 +221,6 @@ class TrainConfig:
                                   "teacher samples); unset teacher.url")
             if self.teacher.temperature != 1.0:
                 raise ConfigError("a teacher server scores at temperature 1.0; unset teacher.temperature")
-        if self.rollout.engine == "vllm" and self.lora.r > 0:
-            raise ConfigError("rollout.engine=vllm with lora.r > 0 is not supported yet (adapter weights cannot be "
-                              "synced into vLLM); use rollout.engine=hf or full fine-tuning")
         if self.data.task == "prompts" and not self.data.prompts:
             raise ConfigError("data.task=prompts needs data.prompts: a JSONL file or a dataset saved on disk")
         if self.algo.switch_step is not None and self.algo.switch_step < 0:

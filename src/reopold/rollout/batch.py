@@ -23,6 +23,7 @@ class Rollout:
     prompt_length: int  # P, the padded prompt width
     problems: list = field(default_factory=list)  # (B,) the task problem behind each row
     texts: list[str] = field(default_factory=list)  # (B,) decoded responses, special tokens removed
+    old_logprobs: torch.Tensor | None = None  # (B, T) the sampler's log-prob of each response token, if it reports it
 
     @property
     def completion_ids(self) -> torch.Tensor:
@@ -50,6 +51,7 @@ class Rollout:
             completion_mask=mask[:, : max(width, 1)],
             problems=[self.problems[i] for i in index.tolist()] if self.problems else [],
             texts=[self.texts[i] for i in index.tolist()] if self.texts else [],
+            old_logprobs=None if self.old_logprobs is None else self.old_logprobs[index, : max(width, 1)],
         )
 
     def to(self, device: torch.device | str) -> Rollout:
@@ -58,6 +60,7 @@ class Rollout:
             input_ids=self.input_ids.to(device),
             attention_mask=self.attention_mask.to(device),
             completion_mask=self.completion_mask.to(device),
+            old_logprobs=None if self.old_logprobs is None else self.old_logprobs.to(device),
         )
 
 
@@ -70,6 +73,10 @@ class RolloutEngine(Protocol):
 
     def sync_weights(self, model) -> None:
         """Make the next ``generate`` sample from ``model``'s current weights."""
+        ...
+
+    def close(self) -> None:
+        """Release what the engine holds (a vLLM engine's worker, process group and KV cache)."""
         ...
 
 

@@ -25,6 +25,9 @@ class HFRolloutEngine:
         """Nothing to copy: ``generate`` runs on the model the trainer updates."""
         self.model = model
 
+    def close(self) -> None:
+        """Nothing to release: the model belongs to the trainer."""
+
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], problems: list, *, num_samples: int = 1) -> Rollout:
         from transformers import GenerationConfig

@@ -95,7 +95,8 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, accelera
     student, optimization = build_optimization(config, model, tokenizer, encode, accelerator)
     state = restore(config, run_dir, checkpoint, student, optimization, accelerator)
     logger = build_logger(config, run_dir, checkpoint, state, accelerator)
-    if engine is None:
+    own_engine = engine is None  # an engine passed in is closed by its owner
+    if own_engine:
         engine = build_engine(config, student.generator, source.path, tokenizer, accelerator.device)
     backends = Backends(engine=engine, teacher=teacher, task=task, teacher_engine=teacher_engine)
     trainer = Trainer(config, run_dir, accelerator=accelerator, student=student, backends=backends, prompts=prompts,
@@ -106,9 +107,13 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, accelera
         trainer.fit()
     finally:
         logger.close()
+        if own_engine:
+            engine.close()  # a vLLM engine left to interpreter exit can abort the process
         if config.run.report and accelerator.is_main_process:
             write_report(run_dir, title=f"{config.run_name}: {config.algo.name}")
-    if torch.distributed.is_initialized():  # left to interpreter exit, gloo's threads sometimes abort the process
+    # Left to interpreter exit, gloo's threads sometimes abort the process. Only accelerate's own group: an
+    # in-process vLLM engine passed in also initialises torch.distributed, and its owner closes it later.
+    if accelerator.distributed_type != "NO" and torch.distributed.is_initialized():
         accelerator.wait_for_everyone()
         accelerator.end_training()
     return run_dir
@@ -352,8 +357,13 @@ def build_engine(config: TrainConfig, student, student_path: str, tokenizer, dev
         engine = VLLMRolloutEngine.server(rollout.vllm_url, tokenizer, max_new_tokens=rollout.max_new_tokens,
                                           temperature=rollout.temperature, device=device)
     else:
+        if torch.cuda.is_available():
+            memory = {"gpu_memory_utilization": rollout.vllm_gpu_memory}
+        else:  # CPU build: a fixed KV cache, and no torch.compile (minutes of start-up for no gain at this size)
+            memory = {"kv_cache_memory_bytes": rollout.vllm_cpu_kv_cache_mb << 20, "enforce_eager": True}
         engine = VLLMRolloutEngine.offline(resolve_model(student_path), tokenizer,
                                            max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
-                                           device=device, gpu_memory_utilization=rollout.vllm_gpu_memory)
+                                           device=device, dtype=config.student.dtype, skip_tokenizer_init=True,
+                                           seed=config.run.seed, **memory)
     engine.sync_weights(student)  # a resumed run's weights, not the ones on disk at student.model
     return engine
