@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from reopold.rollout import build_rollout
-from reopold.tasks import build_tokenizer
 from reopold.rollout.vllm import (
     TRLServer,
     VLLMRolloutEngine,
@@ -23,6 +22,7 @@ from reopold.rollout.vllm import (
     checkpoint_weights,
     repack_shared_weights,
 )
+from reopold.tasks import build_tokenizer
 
 EOS = 1  # the char tokenizer's <eos>; <pad> is 0
 

@@ -30,11 +30,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from reopold.rollout import build_rollout  # noqa: E402
 from reopold.models.scorer import TokenScorer  # noqa: E402
-from reopold.teacher.local import LocalTeacher  # noqa: E402
-from reopold.tasks import build_tokenizer  # noqa: E402
+from reopold.rollout import build_rollout  # noqa: E402
 from reopold.rollout.vllm import VLLMRolloutEngine, checkpoint_weights  # noqa: E402
+from reopold.tasks import build_tokenizer  # noqa: E402
+from reopold.teacher.local import LocalTeacher  # noqa: E402
 
 TEMPERATURE = 0.7
 ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "skip_tokenizer_init": True, "max_model_len": 128,
@@ -224,10 +224,10 @@ class TestTiedStudent:
 
 
 def test_training_with_the_vllm_engine_learns_and_leaves_the_engine_on_the_final_student(tmp_path):
-    from reopold.train.checkpoint import latest_checkpoint
     from reopold.config.loader import from_dict
-    from reopold.train.run import train
     from reopold.config.schema import TrainConfig
+    from reopold.train.checkpoint import latest_checkpoint
+    from reopold.train.run import train
     from tests.tiny import make_model, tiny_config
 
     teacher = make_model(tmp_path / "teacher", hidden=64, layers=2, seed=1, sharpness=8.0)
@@ -251,8 +251,8 @@ def test_training_with_the_vllm_engine_learns_and_leaves_the_engine_on_the_final
 
 def test_a_lora_run_with_a_vllm_engine_built_from_the_config(tmp_path):
     from reopold.config.loader import from_dict
-    from reopold.train.run import train
     from reopold.config.schema import TrainConfig
+    from reopold.train.run import train
     from tests.tiny import make_model, tiny_config
 
     teacher = make_model(tmp_path / "teacher", hidden=64, layers=2, seed=1, sharpness=8.0)
