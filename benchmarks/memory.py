@@ -106,6 +106,7 @@ def measure(path: str, tokens: int, vocab: int, hidden: int, chunk_size: int, dt
         inputs_bytes_held = torch.cuda.memory_allocated(device)
     else:
         inputs_bytes_held = _current_rss()
+        _reset_peak_rss()
     started = time.perf_counter()
     logprobs, entropy = loss_path(path, h, w, ids, chunk_size)
     (logprobs.sum() + entropy.sum()).backward()
@@ -115,13 +116,36 @@ def measure(path: str, tokens: int, vocab: int, hidden: int, chunk_size: int, dt
     if cuda:
         peak = torch.cuda.max_memory_allocated(device)
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        peak = _peak_rss()
     return {
         "path": path, "tokens": tokens, "status": "measured", "peak_bytes": peak - inputs_bytes_held,
         "inputs_bytes": sum(t.numel() * t.element_size() for t in (h, w, ids)), "seconds": seconds,
         "logprob_sum": float(logprobs.detach().double().sum()), "entropy_sum": float(entropy.detach().double().sum()),
         "hidden_grad_norm": float(h.grad.double().norm()), "weight_grad_norm": float(w.grad.double().norm()),
     }  # fmt: skip
+
+
+def _reset_peak_rss() -> None:
+    """Restart the kernel's peak-RSS counter (Linux >= 4.0). Without it the peak can be inherited: ru_maxrss and
+    VmHWM survive exec, so a subprocess forked from a big process (a test runner that trained a model) starts with
+    its parent's resident size as its peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int:
+    """Peak resident set size since _reset_peak_rss (VmHWM), else since the process started (ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _current_rss() -> int:

@@ -188,6 +188,7 @@ class TrainConfig:
             "rollout.prompts_per_step": self.rollout.prompts_per_step,
             "rollout.samples_per_prompt": self.rollout.samples_per_prompt,
             "rollout.max_new_tokens": self.rollout.max_new_tokens,
+            "rollout.vllm_cpu_kv_cache_mb": self.rollout.vllm_cpu_kv_cache_mb,
             "optim.mini_batch_prompts": self.optim.mini_batch_prompts,
             "optim.micro_batch_size": self.optim.micro_batch_size,
             "optim.epochs": self.optim.epochs,
