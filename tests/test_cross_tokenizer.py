@@ -131,8 +131,13 @@ def test_pair_teacher_span_sums_are_its_token_log_probs(models):
     scores = cross.score(rollout)
     _, teacher_rollout = cross.align(rollout)
     direct = inner.logprobs(teacher_rollout)  # (B, Tt) the teacher's own tokens
-    # Per row, the span sums add up to the teacher's log-prob of the whole completion text (+ its EOS).
-    assert torch.allclose(scores.logprobs.sum(1), (direct * teacher_rollout.completion_mask).sum(1), atol=1e-4)
+    # Per row, the span sums add up to the teacher's log-prob of the whole completion text (+ its EOS), and
+    # UNWRITABLE_LOGPROB for each special token the random student sampled inside its completion.
+    from reopold.teacher.cross import UNWRITABLE_LOGPROB
+
+    expected = (direct * teacher_rollout.completion_mask).sum(1) + UNWRITABLE_LOGPROB * cross.unwritable(rollout).sum(1)
+    assert cross.unwritable(rollout).any()  # the random student does sample some
+    assert torch.allclose(scores.logprobs.sum(1), expected, atol=1e-4)
     metrics = span_metrics(scores.spans)
     assert 0.2 < float(metrics["multi_token_span_frac"]) < 1.0  # digit pairs merge two student tokens
     assert float(metrics["student_tokens_per_span"]) > float(metrics["teacher_tokens_per_span"])
@@ -155,8 +160,9 @@ def test_training_with_a_pair_teacher_lowers_the_held_out_reverse_kl(tmp_path, m
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r["kind"] == "eval"]
     steps = [r for r in rows if r["kind"] == "train"]
-    # Measured: about 26.3 -> 11.0 nats per response; require at least a 30% drop.
-    assert evals[-1]["reverse_kl"] < 0.7 * evals[0]["reverse_kl"], [e["reverse_kl"] for e in evals]
+    # Measured: 37.9 -> 31.3 -> 28.8 nats per response (a random student samples special tokens the teacher cannot
+    # write, each scored UNWRITABLE_LOGPROB); require a 15% drop.
+    assert evals[-1]["reverse_kl"] < 0.85 * evals[0]["reverse_kl"], [e["reverse_kl"] for e in evals]
     assert all(0 < r["multi_token_span_frac"] < 1 and math.isfinite(r["loss"]) for r in steps)
     err = capfd.readouterr().err
     assert "another tokenizer (118 vs the student's 18 tokens): span alignment" in err
