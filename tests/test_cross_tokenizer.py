@@ -18,8 +18,8 @@ from reopold.config.schema import TrainConfig
 from reopold.core.spans import span_metrics
 from reopold.rollout import HFRolloutEngine, build_rollout
 from reopold.tasks import ArithmeticTask, build_tokenizer
-from reopold.tasks.tokenizer import DIGIT_PAIRS
 from reopold.tasks.prompts import PromptEncoder
+from reopold.tasks.tokenizer import DIGIT_PAIRS
 from reopold.teacher.cross import CrossTokenizerTeacher, check_offsets, token_bytes
 from reopold.teacher.local import LocalTeacher
 from reopold.teacher.server import build_server

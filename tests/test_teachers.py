@@ -13,8 +13,8 @@ from reopold.config.loader import ConfigError, from_dict, load_config
 from reopold.config.schema import TrainConfig
 from reopold.rollout import build_rollout
 from reopold.tasks import ArithmeticTask, build_tokenizer
-from reopold.tasks.tokenizer import DIGIT_PAIRS
 from reopold.tasks.arithmetic import Problem
+from reopold.tasks.tokenizer import DIGIT_PAIRS
 from reopold.teacher.local import LocalTeacher
 from reopold.teacher.routed import RoutedTeacher
 from reopold.train.checkpoint import latest_checkpoint
