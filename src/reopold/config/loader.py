@@ -215,6 +215,8 @@ def _build(cls: type, data: Any, path: str) -> Any:
     for name, value in data.items():
         key = _join(path, str(name))
         if name not in fields:
+            if path.endswith("]"):  # an item of a list of sections (teachers[0]): its own fields are the candidates
+                raise ConfigError(_unknown_message(key, [_join(path, f) for f in fields]))
             raise _UnknownKey(key)
         kwargs[name] = _check_choices(fields[name], _coerce(value, hints[name], key), key)
     missing = [_join(path, name) for name, f in fields.items() if name not in kwargs

@@ -52,6 +52,15 @@ class TeacherConfig:
     backoff: float = option(1.0, "seconds before the first retry; doubles on each further one")
     api_key_env: str | None = option(None, "environment variable holding the teacher server's API key (the key "
                                      "itself never goes into the saved config)")
+    tokenizer: str | None = option(None, "the teacher's tokenizer (name or path); None = teacher.model's. With "
+                                   "teacher.url: a local copy of the served teacher's tokenizer, needed when it "
+                                   "differs from the student's (span alignment, docs/cross_tokenizer.md)")
+
+
+@dataclass
+class NamedTeacherConfig(TeacherConfig):
+    name: str = option("", "the teacher's name: the routing key value of the prompts it scores, and the suffix of "
+                       "its metrics (reward_mean/<name>, ...)")
 
 
 @dataclass
@@ -72,6 +81,8 @@ class DataConfig:
     preflight_problems: int = option(16, "training prompts the teacher answers greedily before training to "
                                      "check that the task's checker accepts its answers; 0 skips the check")
     eval_split: str = option("test", "held-out split used for evaluation", choices=("validation", "test"))
+    teacher_key: str | None = option(None, "with several teachers and data.task=prompts: the column naming each "
+                                     "prompt's teacher; None routes every prompt to the teacher named data.task")
 
 
 @dataclass
@@ -182,6 +193,9 @@ class TrainConfig:
     rollout: RolloutConfig = option(RolloutConfig, "on-policy sampling")
     optim: OptimConfig = option(OptimConfig, "the policy update")
     run: RunConfig = option(RunConfig, "length, seeds, outputs")
+    teachers: list[NamedTeacherConfig] = option([], "several teachers instead of teacher, e.g. [{name: math, model: "
+                                                "M}, {name: code, url: U, model: C}]: each prompt is scored by the "
+                                                "one data.teacher_key names (docs/teachers.md)")
 
     def __post_init__(self):
         positive = {
@@ -214,14 +228,30 @@ class TrainConfig:
                               f"optim.mini_batch_prompts ({self.optim.mini_batch_prompts})")
         if self.algo.name == "grpo" and self.rollout.samples_per_prompt < 2:
             raise ConfigError("grpo normalises rewards within each prompt's group: set rollout.samples_per_prompt >= 2")
-        if self.teacher.url is not None:
-            if not self.teacher.url.startswith(("http://", "https://")):
-                raise ConfigError(f"teacher.url must start with http:// or https://; got {self.teacher.url!r}")
+        for key, teacher in self.teacher_specs().items():
+            if teacher.micro_batch_size <= 0 or not teacher.temperature > 0:
+                raise ConfigError(f"{key}.micro_batch_size and {key}.temperature must be > 0")
+            if teacher.url is None:
+                continue
+            if not teacher.url.startswith(("http://", "https://")):
+                raise ConfigError(f"{key}.url must start with http:// or https://; got {teacher.url!r}")
             if self.algo.name in ("gkd", "sft"):
                 raise ConfigError(f"algo.name={self.algo.name} needs a local teacher (full distributions or "
-                                  "teacher samples); unset teacher.url")
-            if self.teacher.temperature != 1.0:
-                raise ConfigError("a teacher server scores at temperature 1.0; unset teacher.temperature")
+                                  f"teacher samples); unset {key}.url")
+            if teacher.temperature != 1.0:
+                raise ConfigError(f"a teacher server scores at temperature 1.0; unset {key}.temperature")
+        if self.teachers:
+            names = [t.name for t in self.teachers]
+            if not all(names) or len(set(names)) != len(names):
+                raise ConfigError(f"every entry of teachers needs a name, each a different one; got {names}")
+            if self.teacher != TeacherConfig():
+                raise ConfigError("set either teacher (one teacher) or teachers (several), not both")
+            if self.algo.name in ("gkd", "sft"):
+                raise ConfigError(f"algo.name={self.algo.name} learns from one teacher's distributions or samples; "
+                                  "several teachers grade sampled tokens (reopold, rkl, rkl_sg)")
+        if self.data.teacher_key is not None and (not self.teachers or self.data.task != "prompts"):
+            raise ConfigError("data.teacher_key names a column of data.prompts that routes prompts among several "
+                              "teachers: it needs data.task=prompts and a teachers list")
         if self.data.task == "prompts" and not self.data.prompts:
             raise ConfigError("data.task=prompts needs data.prompts: a JSONL file or a dataset saved on disk")
         if self.algo.switch_step is not None and self.algo.switch_step < 0:
@@ -268,6 +298,12 @@ class TrainConfig:
         if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name):
             raise ConfigError(f"run.name must be a plain folder name (no '/', '\\' or '..'); got {name!r}. "
                               "run.output_dir chooses where run folders go")
+
+    def teacher_specs(self) -> dict[str, TeacherConfig]:
+        """Every teacher by its config key: {"teacher": ...}, or {"teachers[i]": ...} with several."""
+        if not self.teachers:
+            return {"teacher": self.teacher}
+        return {f"teachers[{i}]": teacher for i, teacher in enumerate(self.teachers)}
 
     @property
     def switch_step(self) -> int:

@@ -174,6 +174,29 @@ def _plot_hist(train: list[dict], path: Path) -> str | None:
     return caption + (" The dashed red line is the reward floor." if has_floor else "")
 
 
+def _teacher_lines(train: list[dict]) -> list[str]:
+    """A table of each teacher's training metrics (runs with several teachers: ``<metric>/<teacher>`` keys) and the
+    span statistics of a teacher with another tokenizer."""
+    names = sorted({key.split("/", 1)[1] for r in train for key in r if key.startswith("reward_mean/")})
+    lines = []
+    if names:
+        lines += ["## Teachers", "", "| teacher | steps | reward_mean first -> last | reverse_kl first -> last | "
+                  "below_floor_frac first -> last |", "|---|---|---|---|---|"]
+        for name in names:
+            cells = []
+            for metric in ("reward_mean", "reverse_kl", "below_floor_frac"):
+                points = [p for p in _points(train, f"{metric}/{name}") if math.isfinite(p[1])]
+                cells.append(f"{_fmt(points[0][1])} -> {_fmt(points[-1][1])}" if points else "-")
+            steps = sum(f"reward_mean/{name}" in r for r in train)
+            lines.append(f"| {name} | {steps} | " + " | ".join(cells) + " |")
+        lines += ["", "*Per-step training metrics of the rows each teacher scored (docs/teachers.md).*", ""]
+    spans = [p[1] for p in _points(train, "multi_token_span_frac")]
+    if spans:
+        lines += [f"Span alignment (a teacher with another tokenizer): {sum(spans) / len(spans):.3f} of the student's "
+                  "tokens fell in multi-token spans on average (docs/cross_tokenizer.md).", ""]
+    return lines
+
+
 def write_report(run_dir: str | os.PathLike, *, title: str | None = None) -> Path:
     """Write run_dir/report.md (and plots under run_dir/plots/) from run_dir/metrics.jsonl; returns its path."""
     run_dir = Path(run_dir)
@@ -197,6 +220,7 @@ def write_report(run_dir: str | os.PathLike, *, title: str | None = None) -> Pat
             lines += ["## Training curves", "", f"![training curves](plots/{PLOTS[1]})", "",
                       "*Per-step training diagnostics; the dashed line marks the switch from exploration to "
                       "refinement.*", ""]
+        lines += _teacher_lines(train)
         caption = _plot_hist(train, plots / PLOTS[2])
         if caption:
             lines += ["## Token rewards", "", f"![token-reward histogram](plots/{PLOTS[2]})", "",

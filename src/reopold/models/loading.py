@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 DEMO_DIR = Path(__file__).parent.parent / "assets" / "demo"
-DEMO_MODELS = {"demo-teacher": DEMO_DIR / "teacher", "demo-student": DEMO_DIR / "student"}
+DEMO_MODELS = {"demo-teacher": DEMO_DIR / "teacher", "demo-student": DEMO_DIR / "student",
+               "demo-teacher-merges": DEMO_DIR / "teacher-merges"}  # the demo teacher, digit+operator tokens
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -43,6 +43,7 @@ class Problem:
 
     prompt: str  # e.g. "347*26="
     answer: str  # e.g. "9022"
+    key: str | None = None  # the routing key that picks its teacher among several (data.teacher_key's column)
 
 
 def _split_of(a: int, b: int) -> str:

@@ -25,7 +25,7 @@ class PromptTask:
     name = "prompts"
 
     def __init__(self, path: str, *, prompt_key: str = "prompt", answer_key: str = "answer", held_out: int = 1000,
-                 checker: str = "exact"):
+                 checker: str = "exact", teacher_key: str | None = None):
         if checker == "math":
             from reopold.tasks.checkers import MathChecker
 
@@ -33,7 +33,8 @@ class PromptTask:
         else:
             self._math = None
         records = load_records(path, prompt_key=prompt_key)
-        problems = [Problem(str(r[prompt_key]), None if r.get(answer_key) is None else str(r[answer_key]))
+        key = lambda r: None if teacher_key is None or r.get(teacher_key) is None else str(r[teacher_key])
+        problems = [Problem(str(r[prompt_key]), None if r.get(answer_key) is None else str(r[answer_key]), key(r))
                     for r in records]
         order = list(range(len(problems)))
         random.Random(0).shuffle(order)  # a fixed held-out set, independent of the run's seed
@@ -47,7 +48,7 @@ class PromptTask:
     @classmethod
     def from_config(cls, data) -> PromptTask:
         return cls(data.prompts, prompt_key=data.prompt_key, answer_key=data.answer_key, held_out=data.eval_problems,
-                   checker=data.checker)
+                   checker=data.checker, teacher_key=getattr(data, "teacher_key", None))
 
     def problems(self, split: str, n: int) -> list[Problem]:
         return self._splits[split][:n]

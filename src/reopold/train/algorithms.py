@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 
 from reopold import core
+from reopold.core import spans as span_core
 from reopold.registry import ALGORITHMS
 from reopold.rollout import Rollout
 
@@ -31,6 +32,10 @@ class ScoredRollout:
     entropy: torch.Tensor  # (B, T) entropy of pi_old's full next-token distribution
     sequence_rewards: torch.Tensor  # (B,) 1.0 where the task's checker accepts the response
     teacher_logprobs: torch.Tensor | None = None  # (B, T) teacher-forced log pi_T of the same tokens
+    # A teacher with another tokenizer: how its tokens group with the student's (teacher_logprobs then holds each
+    # span's sum on its last student token); None with one vocabulary. docs/cross_tokenizer.md
+    spans: span_core.SpanAlignment | None = None
+    teacher_names: list[str] | None = None  # (B,) which teacher scored each row, with several teachers
 
     def is_finite(self) -> bool:
         """No NaN/inf on a valid token: a NaN reward must stop the step, not be silently masked away."""
@@ -42,8 +47,23 @@ class ScoredRollout:
         sub = self.rollout.select(rows)
         width = sub.completion_mask.shape[1]
         take = lambda t: None if t is None else t[rows, :width]
+        spans = None if self.spans is None else span_core.SpanAlignment(
+            take(self.spans.student_spans), self.spans.teacher_spans[rows], self.spans.num_spans[rows],
+            take(self.spans.span_end_mask))
+        names = None if self.teacher_names is None else [self.teacher_names[i] for i in rows]
         return ScoredRollout(sub, take(self.old_logprobs), take(self.entropy), self.sequence_rewards[rows],
-                             take(self.teacher_logprobs))
+                             take(self.teacher_logprobs), spans, names)
+
+    def unit_mask(self) -> torch.Tensor:
+        """(B, T) the positions that carry a reward: every valid token, or with spans the span ends."""
+        mask = self.rollout.completion_mask
+        return mask if self.spans is None else mask & self.spans.span_end_mask
+
+    def per_unit(self, values: torch.Tensor | None) -> torch.Tensor | None:
+        """A per-student-token quantity summed over each span onto its last token (as it is without spans)."""
+        if values is None or self.spans is None:
+            return values
+        return span_core.student_span_sums(values, self.spans)
 
 
 @dataclass
@@ -106,6 +126,19 @@ def _reward_histogram(rewards: torch.Tensor) -> dict:
     return {"edges": REWARD_HIST_EDGES, "counts": counts.tolist()}
 
 
+def _per_teacher_metrics(scored: ScoredRollout, rewards: torch.Tensor, mask: torch.Tensor, floor: float,
+                         gather: Gather) -> dict:
+    """reward_mean, reverse_kl and below_floor_frac of each teacher's rows, as ``<metric>/<teacher name>``."""
+    metrics = {}
+    for name in sorted(set(scored.teacher_names)):
+        rows = torch.tensor([n == name for n in scored.teacher_names], device=mask.device)
+        values = gather(rewards[mask & rows[:, None]].float())
+        metrics[f"reward_mean/{name}"] = values.mean()
+        metrics[f"reverse_kl/{name}"] = -values.mean()
+        metrics[f"below_floor_frac/{name}"] = (values < floor).float().mean()
+    return metrics
+
+
 class Distillation:
     """REOPOLD and its baselines rkl / rkl_sg, with the four ablation switches of the paper's ablation.
 
@@ -129,22 +162,23 @@ class Distillation:
         self.per_update = algo.reward_policy == "current" or not self.switches["stop_gradient"]
 
     def _shaping(self, student_logprobs, micro: ScoredRollout, phase: str, threshold) -> core.Shaping:
+        """``student_logprobs`` per unit (``micro.per_unit``): a token, or a span with another teacher tokenizer."""
         return core.distillation_shaping(
-            student_logprobs, micro.teacher_logprobs, micro.entropy, micro.rollout.completion_mask, phase=phase,
+            student_logprobs, micro.teacher_logprobs, micro.per_unit(micro.entropy), micro.unit_mask(), phase=phase,
             lam=self.algo.lam, beta=self.algo.beta, threshold=threshold,
             stop_gradient=self.switches["stop_gradient"], reward_floor=self.switches["reward_floor"],
             entropy_selection=self.switches["entropy_selection"],
         )  # fmt: skip
 
     def shape(self, scored: ScoredRollout, *, step: int, gather: Gather) -> Shaped:
-        mask = scored.rollout.completion_mask
+        mask = scored.unit_mask()  # valid tokens; the span ends with another teacher tokenizer
         phase = core.phase_at(step, self.switch_step)
         threshold = None
-        all_entropy = gather(scored.entropy[mask])  # valid entropies of every rank: the threshold and the metrics
+        all_entropy = gather(scored.per_unit(scored.entropy)[mask])  # of every rank: the threshold, the metrics
         if phase == "refinement" and self.switches["entropy_selection"]:
             threshold = core.entropy_threshold(all_entropy, torch.ones_like(all_entropy, dtype=torch.bool),
                                                beta=self.algo.beta)
-        shaping = self._shaping(scored.old_logprobs, scored, phase, threshold)
+        shaping = self._shaping(scored.per_unit(scored.old_logprobs), scored, phase, threshold)
         all_rewards = gather(shaping.rewards[mask].float())  # valid token rewards of every rank
         metrics = {
             "phase": phase,
@@ -155,8 +189,13 @@ class Distillation:
             "threshold": float("nan") if threshold is None else threshold,
             "reverse_kl": -all_rewards.mean(),
             "reward_hist": _reward_histogram(all_rewards),
-            **_token_metrics(scored, gather, all_entropy),
+            **_token_metrics(scored, gather, all_entropy if scored.spans is None else None),
         }
+        if scored.spans is not None:
+            metrics.update({key: gather(value.reshape(1)).mean()
+                            for key, value in span_core.span_metrics(scored.spans).items()})
+        if scored.teacher_names is not None:
+            metrics.update(_per_teacher_metrics(scored, shaping.rewards, mask, self.floor, gather))
         advantages = None if self.per_update else shaping.advantages
         return Shaped(keep=shaping.keep_mask, advantages=advantages, metrics=metrics, phase=phase, threshold=threshold)
 
@@ -166,20 +205,22 @@ class Distillation:
             return micro_batches  # the step's mask holds: it depends on the entropy only, or R is pi_old's
         out = []
         for micro, shaped in micro_batches:  # the exploration mask 1[R >= floor] under the current policy
-            logprobs, _ = policy(micro.rollout, with_entropy=False)
-            graded = core.reward_logprobs(logprobs, micro.old_logprobs, reward_policy="current",
+            logprobs = micro.per_unit(policy(micro.rollout, with_entropy=False)[0])
+            graded = core.reward_logprobs(logprobs, micro.per_unit(micro.old_logprobs), reward_policy="current",
                                           stop_gradient=self.switches["stop_gradient"])
             out.append((micro, replace(shaped, keep=self._shaping(graded, micro, shaped.phase, None).keep_mask)))
         return out
 
     def loss(self, policy, teacher, micro: ScoredRollout, shaped: Shaped, num_tokens: torch.Tensor):
-        logprobs, _ = policy(micro.rollout, with_entropy=False)
+        # With spans, a span's log-prob is its tokens' sum: one PPO ratio per span, whose gradient reaches each token.
+        logprobs = micro.per_unit(policy(micro.rollout, with_entropy=False)[0])
+        old_logprobs = micro.per_unit(micro.old_logprobs)
         advantages = shaped.advantages
         if advantages is None:  # re-graded under the current policy (with R's gradient when there is no sg)
-            graded = core.reward_logprobs(logprobs, micro.old_logprobs, reward_policy="current",
+            graded = core.reward_logprobs(logprobs, old_logprobs, reward_policy="current",
                                           stop_gradient=self.switches["stop_gradient"])
             advantages = self._shaping(graded, micro, shaped.phase, shaped.threshold).advantages
-        return core.policy_loss(logprobs, micro.old_logprobs, advantages, shaped.keep, clip_eps=self.algo.clip_eps,
+        return core.policy_loss(logprobs, old_logprobs, advantages, shaped.keep, clip_eps=self.algo.clip_eps,
                                 clip_eps_high=self.algo.clip_eps_high, num_tokens=num_tokens)
 
 

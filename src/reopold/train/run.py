@@ -21,7 +21,6 @@ from reopold.errors import TrainingStopped
 from reopold.models.loading import (
     apply_lora,
     check_output_size,
-    check_same_vocabulary,
     is_adapter_dir,
     load_model,
     load_tokenizer,
@@ -31,8 +30,6 @@ from reopold.models.scorer import TokenScorer, plain_lm_head
 from reopold.rollout import HFRolloutEngine, RolloutEngine
 from reopold.tasks import Task, build_task
 from reopold.tasks.prompts import PromptEncoder, PromptSampler
-from reopold.teacher.local import LocalTeacher
-from reopold.teacher.remote import RemoteTeacher
 from reopold.train.algorithms import build_algorithm
 from reopold.train.checkpoint import load_state, set_rng_state
 from reopold.train.distributed import (
@@ -50,12 +47,11 @@ from reopold.train.preflight import (
     CONFIG_FILE,
     check_launch_precision,
     check_trackers,
-    preflight_teacher,
     prepare_run_dir,
     release_run_dir,
     resume_config,
-    teacher_api_key,
 )
+from reopold.train.teachers import build_teachers, check_teacher_routes, describe, plan_teachers, report_spans
 from reopold.train.trainer import Backends, Optimization, Prompts, Student, Trainer, TrainState
 
 __all__ = ["resume_config", "train"]
@@ -83,15 +79,17 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, accelera
     set_threads(config, accelerator)
     source = StudentSource.of(config, checkpoint)
     task, prompts = build_prompts(config, accelerator)
-    tokenizer, teacher = check_models(config, source, accelerator)
+    tokenizer, plans = check_models(config, source, accelerator)
+    check_teacher_routes(config, prompts.sampler.problems + prompts.eval_problems)
     encode = PromptEncoder(tokenizer, config.data.chat_template)
     torch.manual_seed(config.run.seed)
     model = build_student_model(config, source, tokenizer, accelerator)
-    if teacher is None:
-        teacher, teacher_engine = build_local_teacher(config, tokenizer, task, encode, prompts, accelerator,
-                                                      preflight=checkpoint is None)
-    else:
-        teacher_engine = None
+    teacher, teacher_engine = build_teachers(config, plans, tokenizer, task, prompts.sampler.problems, accelerator,
+                                             preflight=checkpoint is None)
+    if accelerator.is_main_process:  # each teacher's mode, once every pre-flight check has passed
+        print("\n".join(describe(plan, tokenizer) for plan in plans), file=sys.stderr)
+    if checkpoint is None and accelerator.is_main_process:  # the share of tokens in multi-token spans
+        report_spans(teacher, plans, model, tokenizer, encode, prompts.sampler.problems[:16], config, accelerator)
     student, optimization = build_optimization(config, model, tokenizer, encode, accelerator)
     state = restore(config, run_dir, checkpoint, student, optimization, accelerator)
     logger = build_logger(config, run_dir, checkpoint, state, accelerator)
@@ -226,8 +224,9 @@ class StudentSource:
         adapters = checkpoint if checkpoint is not None and is_adapter_dir(checkpoint) else None
         path = str(checkpoint) if checkpoint is not None and adapters is None else config.student.model
         resolve_model(path)
-        if config.teacher.url is None:
-            resolve_model(config.teacher.model)
+        for spec in config.teacher_specs().values():
+            if spec.url is None:
+                resolve_model(spec.model)
         return cls(path, adapters)
 
 
@@ -243,17 +242,10 @@ def build_prompts(config: TrainConfig, accelerator) -> tuple[Task, Prompts]:
 
 
 def check_models(config: TrainConfig, source: StudentSource, accelerator):
-    """The student's tokenizer, checked against the teacher's vocabulary before any weights load; a served
-    teacher is returned ready (None for a local one, loaded later)."""
+    """The student's tokenizer and each teacher's mode (the student's vocabulary: exact; another tokenizer: span
+    alignment), decided before any weights load; served teachers are reached and checked here."""
     tokenizer = load_tokenizer(source.path)
-    if config.teacher.url is None:
-        check_same_vocabulary(tokenizer, load_tokenizer(config.teacher.model), source.path, config.teacher.model)
-        return tokenizer, None
-    teacher = RemoteTeacher(config.teacher.url, config.teacher.model, timeout=config.teacher.timeout,
-                            retries=config.teacher.retries, backoff=config.teacher.backoff,
-                            batch_size=config.teacher.micro_batch_size, api_key=teacher_api_key(config))
-    teacher.check_tokenizer(tokenizer)  # same ids for a probe text, or a clear error before any loading
-    return tokenizer, teacher
+    return tokenizer, plan_teachers(config, tokenizer, source.path)
 
 
 def build_student_model(config: TrainConfig, source: StudentSource, tokenizer, accelerator):
@@ -269,23 +261,6 @@ def build_student_model(config: TrainConfig, source: StudentSource, tokenizer, a
     model.eval()  # train mode (dropout, checkpointing) only inside updates: see Trainer.update
     check_output_size(model, tokenizer, source.path)
     return model
-
-
-def build_local_teacher(config: TrainConfig, tokenizer, task, encode, prompts: Prompts, accelerator, *,
-                        preflight: bool) -> tuple[LocalTeacher, HFRolloutEngine]:
-    """The frozen teacher in this process (and its sampler, for SFT), after its greedy pre-flight check."""
-    with whole_models(accelerator):
-        teacher_lm = load_model(config.teacher.model, dtype=config.teacher.dtype, device=accelerator.device,
-                                trainable=False)
-    check_output_size(teacher_lm, tokenizer, config.teacher.model)
-    probe = prompts.sampler.problems[: config.data.preflight_problems]
-    if preflight and probe and all(p.answer is not None for p in probe):
-        preflight_teacher(teacher_lm, tokenizer, task, probe, encode, config.rollout.max_new_tokens)
-    teacher = LocalTeacher(teacher_lm, temperature=config.teacher.temperature,
-                           micro_batch_size=config.teacher.micro_batch_size)
-    engine = HFRolloutEngine(teacher_lm, tokenizer, max_new_tokens=config.rollout.max_new_tokens,
-                             temperature=config.rollout.temperature)
-    return teacher, engine
 
 
 def build_optimization(config: TrainConfig, model, tokenizer, encode, accelerator) -> tuple[Student, Optimization]:

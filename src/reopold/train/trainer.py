@@ -26,6 +26,7 @@ from reopold.rollout import Rollout
 from reopold.rollout.batch import RolloutEngine
 from reopold.tasks import Task
 from reopold.teacher import Teacher
+from reopold.teacher.cross import score_teacher
 from reopold.train.algorithms import Algorithm, ScoredRollout, Shaped
 from reopold.train.checkpoint import save_checkpoint
 from reopold.train.distributed import (
@@ -119,9 +120,12 @@ class Trainer:
         old_logprobs = torch.cat([pad(lp) for lp, _ in parts])  # (B, T)
         entropy = torch.cat([pad(h) for _, h in parts])  # (B, T)
         verdicts = [self.task.check(p, text) for p, text in zip(rollout.problems, rollout.texts, strict=True)]
-        teacher_logprobs = self.teacher.logprobs(rollout) if self.algorithm.needs_teacher_logprobs else None
+        # A teacher with another tokenizer (or several teachers) also says how its tokens group with the student's.
+        teacher = score_teacher(self.teacher, rollout) if self.algorithm.needs_teacher_logprobs else None
         verdicts = torch.tensor(verdicts, dtype=torch.float32, device=old_logprobs.device)  # (B,)
-        return ScoredRollout(rollout, old_logprobs, entropy, verdicts, teacher_logprobs)
+        if teacher is None:
+            return ScoredRollout(rollout, old_logprobs, entropy, verdicts)
+        return ScoredRollout(rollout, old_logprobs, entropy, verdicts, teacher.logprobs, teacher.spans, teacher.names)
 
     def update(self, scored: ScoredRollout, shaped: Shaped, step: int) -> dict:
         """Policy updates over mini-batches of prompts; the loss of each is normalised by its global token count."""
