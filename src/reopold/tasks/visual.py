@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 SPLITS = ("train", "validation", "test")
 HELD_OUT_SHARE = {"validation": 0.05, "test": 0.10}
@@ -157,3 +158,83 @@ class VisualAdditionTask:
     def check(self, problem: VisualProblem, completion: str) -> bool:
         """Exact final-answer match (the scratchpad itself is not graded)."""
         return self.parse_answer(completion) == problem.answer
+
+
+def problem_images(problem) -> list:
+    """The images of an image problem: ``problem.images`` (a list) or ``problem.image`` (one)."""
+    images = getattr(problem, "images", None)
+    if images is None:
+        image = getattr(problem, "image", None)
+        images = [] if image is None else [image]
+    return list(images)
+
+
+def problem_messages(problem) -> list[dict]:
+    """One user turn: the problem's images, then its prompt text (``problem.messages`` when it has its own)."""
+    content = [{"type": "image"} for _ in problem_images(problem)] + [{"type": "text", "text": problem.prompt}]
+    return [{"role": "user", "content": content}]
+
+
+class PromptTooLong(ValueError):
+    """An image prompt longer than the limit: image placeholder tokens are never cut."""
+
+
+class VisionPromptEncoder:
+    """Image problems -> the processor's inputs for a left-padded batch (ids, mask and the ``ImageInputs``).
+
+    The chat template is rendered with one image placeholder per image; the processor expands each into the
+    image's tokens. A prompt longer than ``max_prompt_tokens`` is refused (``PromptTooLong``), never cut: a cut
+    placeholder run makes Qwen-VL fail with "Image features and image tokens do not match", or worse, pairs
+    images with the wrong tokens. ``__call__(text)`` encodes a text-only prompt with the same template.
+    """
+
+    multimodal = True
+
+    def __init__(self, processor, *, max_prompt_tokens: int | None = None):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.max_prompt_tokens = max_prompt_tokens
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<|image_pad|>"))
+
+    def __call__(self, prompt: str) -> list[int]:
+        messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def lengths(self, problems: list) -> list[int]:
+        """Prompt tokens of each problem, image tokens included."""
+        return [int(n) for n in self.batch(problems, check=False)[1].sum(-1).tolist()]
+
+    def batch(self, problems: list, *, check: bool = True):
+        """(input_ids (B, P), attention_mask (B, P), ImageInputs) of ``problems``, left-padded."""
+        from reopold.rollout.batch import ImageInputs
+
+        texts = [self.processor.apply_chat_template(getattr(p, "messages", None) or problem_messages(p),
+                                                    add_generation_prompt=True, tokenize=False) for p in problems]
+        images = [image for p in problems for image in problem_images(p)]
+        enc = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if check and self.max_prompt_tokens is not None:
+            lengths = mask.sum(-1)
+            too_long = int((lengths > self.max_prompt_tokens).sum())
+            if too_long:
+                raise PromptTooLong(
+                    f"{too_long} of {len(problems)} image prompts are longer than {self.max_prompt_tokens} tokens "
+                    f"(longest {int(lengths.max())}); image tokens are never cut: raise the limit or drop them "
+                    "(VisionPromptEncoder.keep_fitting)")
+        counts = torch.tensor([len(problem_images(p)) for p in problems], dtype=torch.long)
+        if "pixel_values" in enc:
+            pixel_values, grid = enc["pixel_values"], enc["image_grid_thw"]
+        else:
+            pixel_values, grid = torch.zeros((0, 0)), torch.zeros((0, 3), dtype=torch.long)
+        types = enc.get("mm_token_type_ids")
+        if types is None:
+            types = (ids == self.image_token_id).long()
+        return ids, mask, ImageInputs(pixel_values, grid, counts, types)
+
+    def keep_fitting(self, problems: list) -> tuple[list, int]:
+        """(the problems whose prompts fit ``max_prompt_tokens``, how many were dropped)."""
+        if self.max_prompt_tokens is None:
+            return list(problems), 0
+        kept = [p for p, n in zip(problems, self.lengths(problems), strict=True) if n <= self.max_prompt_tokens]
+        return kept, len(problems) - len(kept)

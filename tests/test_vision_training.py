@@ -1,0 +1,128 @@
+"""Image prompts through every pass: the Rollout's image inputs, sampling, teacher-forced scoring, guards and
+training, on tiny Qwen2.5-VL models built here (nothing downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from reopold.models.scorer import TokenScorer  # noqa: E402
+from reopold.models.vision import build_processor, build_tiny_vlm, build_vlm_tokenizer, never_sampled_ids  # noqa: E402
+from reopold.rollout import HFRolloutEngine, Rollout  # noqa: E402
+from reopold.tasks.visual import PromptTooLong, VisionPromptEncoder, VisualAdditionTask  # noqa: E402
+
+NEW_TOKENS = 10
+
+
+def _sharpen(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    torch.set_num_threads(1)
+    processor = build_processor(build_vlm_tokenizer())
+    model = _sharpen(build_tiny_vlm(processor.tokenizer, hidden=32, layers=2, heads=4, kv_heads=2, seed=0), 1).eval()
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return VisualAdditionTask().problems("test", 4)
+
+
+def _engine(model, processor, **kw):
+    return HFRolloutEngine(model, processor.tokenizer, max_new_tokens=NEW_TOKENS, vision=VisionPromptEncoder(processor),
+                           suppress_tokens=never_sampled_ids(processor.tokenizer), **kw)
+
+
+def _row_pixels(rollout: Rollout, row: int) -> torch.Tensor:
+    """The pixel rows of ``row``'s images, read through the row's own image count."""
+    images = rollout.images
+    counts = images.images_per_row.tolist()
+    first = sum(counts[:row])
+    blocks = torch.split(images.pixel_values, images.image_grid_thw.prod(-1).tolist())
+    return torch.cat(blocks[first : first + counts[row]])
+
+
+def test_images_stay_with_their_rows(vlm, problems):
+    model, processor = vlm
+    torch.manual_seed(0)
+    rollout = _engine(model, processor).generate([], problems, num_samples=3)
+    assert len(rollout) == 12 and rollout.images.images_per_row.tolist() == [1] * 12
+    _, _, alone = VisionPromptEncoder(processor).batch(problems)
+    own = torch.split(alone.pixel_values, alone.image_grid_thw.prod(-1).tolist())
+    for row in range(12):  # n samples: the rows of a prompt carry its image
+        assert torch.equal(_row_pixels(rollout, row), own[row // 3])
+    picked = rollout.select([11, 0, 5, 5])  # reordered, repeated
+    for i, row in enumerate([11, 0, 5, 5]):
+        assert torch.equal(_row_pixels(picked, i), own[row // 3])
+        assert torch.equal(picked.images.mm_token_type_ids[i], rollout.images.mm_token_type_ids[row])
+    micro = picked.select([2, 1])  # a micro-batch of a selection
+    assert torch.equal(_row_pixels(micro, 0), own[5 // 3]) and torch.equal(_row_pixels(micro, 1), own[0])
+    # Rows with different image counts (0 and 2 images): blocks move with their rows, not with batch positions.
+    from reopold.rollout import ImageInputs
+
+    grid = torch.tensor([[1, 2, 2], [1, 4, 4], [1, 2, 4]])
+    pixels = torch.cat([torch.full((int(g.prod()), 2), float(i)) for i, g in enumerate(grid)])
+    images = ImageInputs(pixels, grid, torch.tensor([2, 0, 1]), torch.zeros((3, 5), dtype=torch.long))
+    sub = images.select(torch.tensor([2, 1, 0]))
+    assert sub.image_grid_thw.tolist() == [[1, 2, 4], [1, 2, 2], [1, 4, 4]]
+    assert sub.pixel_values[:, 0].tolist() == [2.0] * 8 + [0.0] * 4 + [1.0] * 16
+
+
+def test_sampling_never_emits_vision_tokens(vlm, problems):
+    model, processor = vlm
+    torch.manual_seed(0)
+    rollout = _engine(model, processor).generate([], problems * 4, num_samples=4)
+    banned = torch.tensor(never_sampled_ids(processor.tokenizer))
+    assert not torch.isin(rollout.completion_ids[rollout.completion_mask], banned).any()
+
+
+def test_forced_pass_matches_generate_raw_logits(vlm, problems):
+    model, processor = vlm
+    encoder = VisionPromptEncoder(processor)
+    ids, mask, images = encoder.batch(problems)
+    torch.manual_seed(0)
+    out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=images.pixel_values,
+                         image_grid_thw=images.image_grid_thw, mm_token_type_ids=images.mm_token_type_ids,
+                         do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=NEW_TOKENS,
+                         min_new_tokens=NEW_TOKENS, suppress_tokens=never_sampled_ids(processor.tokenizer),
+                         output_logits=True, return_dict_in_generate=True,
+                         pad_token_id=processor.tokenizer.pad_token_id)
+    completion = out.sequences[:, ids.shape[1] :]
+    raw = torch.stack(out.logits, 1).log_softmax(-1).gather(-1, completion[..., None])[..., 0]  # (B, T)
+    done = torch.ones_like(completion, dtype=torch.bool)
+    rollout = Rollout(torch.cat([ids, completion], 1), torch.cat([mask, done.long()], 1), done, ids.shape[1],
+                      list(problems), images=images)
+    scorer = TokenScorer(model, chunk_size=3)
+    logprobs, entropy = scorer(rollout)
+    assert (logprobs - raw).abs().max() < 1e-5
+    unchunked, _ = TokenScorer(model, chunk_size=10_000)(rollout)
+    assert (unchunked - logprobs).abs().max() < 1e-6
+    full_logits = scorer(rollout, return_logits=True)
+    assert (full_logits.log_softmax(-1).gather(-1, completion[..., None])[..., 0] - raw).abs().max() < 1e-5
+    # Without mm_token_type_ids the model silently falls back to 1-D positions: the log-probs move.
+    inputs = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "use_cache": False,
+              "pixel_values": images.pixel_values, "image_grid_thw": images.image_grid_thw}
+    blind_positions = model(**inputs).logits[:, ids.shape[1] - 1 : -1].log_softmax(-1)
+    moved = (blind_positions.gather(-1, completion[..., None])[..., 0] - raw).abs()
+    assert moved.max() > 1e-3
+
+
+def test_truncation_guard_refuses_and_counts(vlm, problems):
+    _, processor = vlm
+    lengths = VisionPromptEncoder(processor).lengths(problems)
+    encoder = VisionPromptEncoder(processor, max_prompt_tokens=min(lengths) - 1)
+    with pytest.raises(PromptTooLong, match="never cut"):
+        encoder.batch(problems)
+    kept, dropped = encoder.keep_fitting(problems)
+    assert kept == [] and dropped == len(problems)
+    assert VisionPromptEncoder(processor, max_prompt_tokens=max(lengths)).keep_fitting(problems) == (problems, 0)
