@@ -69,6 +69,7 @@ ALGORITHMS.register("sft", "reopold.train.algorithms:build_sft")
 ALGORITHMS.register("gkd", "reopold.train.algorithms:build_gkd")
 TASKS.register("arithmetic", "reopold.tasks.arithmetic:ArithmeticTask")
 TASKS.register("prompts", "reopold.tasks.prompts:PromptTask")
+TASKS.register("visual-addition", "reopold.tasks.visual:VisualAdditionTask")
 
 
 def choices_of(registry: Registry) -> Callable[[], tuple[str, ...]]:

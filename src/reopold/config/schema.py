@@ -27,6 +27,8 @@ class StudentConfig:
                         "('demo-student' is the bundled one)")
     dtype: str = option("float32", "weights dtype of the student", choices=("float32", "bfloat16"))
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    freeze_vision: bool = option(True, "vision-language students: no training (and no LoRA adapters) for the vision "
+                                 "tower and projector")
 
 
 @dataclass
@@ -72,6 +74,8 @@ class DataConfig:
     preflight_problems: int = option(16, "training prompts the teacher answers greedily before training to "
                                      "check that the task's checker accepts its answers; 0 skips the check")
     eval_split: str = option("test", "held-out split used for evaluation", choices=("validation", "test"))
+    max_prompt_tokens: int | None = option(None, "image prompts: drop (counted) training and held-out prompts longer "
+                                           "than this, image tokens included; prompts are never cut")
 
 
 @dataclass

@@ -77,3 +77,11 @@ class HFRolloutEngine:
             images=None if images is None else images.select(rows),
         )
         return rollout
+
+
+def vision_options(encode) -> dict:
+    """HFRolloutEngine keyword arguments for prompts encoded by ``encode``: for a VisionPromptEncoder, the encoder
+    (the engine renders image prompts from the problems) and the ids never sampled; nothing for text prompts."""
+    if not getattr(encode, "multimodal", False):
+        return {}
+    return {"vision": encode, "suppress_tokens": encode.never_sampled}

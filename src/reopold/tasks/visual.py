@@ -101,6 +101,11 @@ class VisualAdditionTask:
     def __repr__(self) -> str:
         return "VisualAdditionTask()"
 
+    @classmethod
+    def from_config(cls, data) -> VisualAdditionTask:
+        """The task takes no settings from the config's data section."""
+        return cls()
+
     # ---- problems -------------------------------------------------------------------------------------
     def make_problem(self, top: int, bottom: int, rng: random.Random) -> VisualProblem:
         """The problem showing ``top`` over ``bottom``, drawn with colours and jitter from ``rng``."""
@@ -175,6 +180,10 @@ def problem_messages(problem) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>",
+                 "<image>", "<video>", "<|image|>", "<|video|>")
+
+
 class PromptTooLong(ValueError):
     """An image prompt longer than the limit: image placeholder tokens are never cut."""
 
@@ -195,6 +204,20 @@ class VisionPromptEncoder:
         self.tokenizer = processor.tokenizer
         self.max_prompt_tokens = max_prompt_tokens
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<|image_pad|>"))
+
+    @property
+    def never_sampled(self) -> list[int]:
+        """Ids the sampler must suppress: the vision placeholders (a sampled one breaks the next forced pass), and
+        the pad token when it is not EOS."""
+        vocab = self.tokenizer.get_vocab()
+        ids = {vocab[t] for t in VISION_TOKENS if t in vocab} | {self.image_token_id}
+        for name in ("<|im_start|>", "<unk>"):
+            if name in vocab:
+                ids.add(vocab[name])
+        pad = self.tokenizer.pad_token_id
+        if pad is not None and pad != self.tokenizer.eos_token_id:
+            ids.add(pad)
+        return sorted(ids)
 
     def __call__(self, prompt: str) -> list[int]:
         messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
