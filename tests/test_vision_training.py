@@ -126,3 +126,120 @@ def test_truncation_guard_refuses_and_counts(vlm, problems):
     kept, dropped = encoder.keep_fitting(problems)
     assert kept == [] and dropped == len(problems)
     assert VisionPromptEncoder(processor, max_prompt_tokens=max(lengths)).keep_fitting(problems) == (problems, 0)
+
+
+# ---- training runs: tiny VLMs saved here, through reopold.train.run.train ------------------------------------
+import json  # noqa: E402
+import math  # noqa: E402
+import shutil  # noqa: E402
+
+from reopold.config.loader import from_dict  # noqa: E402
+from reopold.config.schema import TrainConfig  # noqa: E402
+from reopold.models.vision import save_vlm  # noqa: E402
+from reopold.train.checkpoint import latest_checkpoint  # noqa: E402
+from reopold.train.run import train  # noqa: E402
+
+TIMING_KEYS = {"time", "rollout_seconds", "score_seconds", "update_seconds"}
+
+
+@pytest.fixture(scope="module")
+def vlm_pair(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("vlms")
+    processor = build_processor(build_vlm_tokenizer())
+    teacher = _sharpen(build_tiny_vlm(processor.tokenizer, hidden=32, layers=2, heads=4, kv_heads=2, seed=1), 3)
+    student = build_tiny_vlm(processor.tokenizer, hidden=32, layers=1, heads=4, kv_heads=2, seed=2)
+    save_vlm(teacher, processor, root / "teacher")
+    save_vlm(student, processor, root / "student")
+    return root / "teacher", root / "student"
+
+
+def _config(tmp_path, pair, **sections):
+    teacher, student = pair
+    config = {
+        "student": {"model": str(student)},
+        "teacher": {"model": str(teacher)},
+        "data": {"task": "visual-addition", "eval_problems": 16, "train_problems": 200, "preflight_problems": 0},
+        "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 12},
+        "optim": {"lr": 3e-3, "mini_batch_prompts": 2, "micro_batch_size": 8, "warmup_steps": 0},
+        "run": {"steps": 4, "eval_every": 2, "save_every": 2, "output_dir": str(tmp_path / "runs"),
+                "progress": False, "report": False, "keep_checkpoints": 10},
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    return from_dict(TrainConfig, config)
+
+
+def _records(run_dir, kind=None):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if kind is None or r["kind"] == kind]
+
+
+def _without_timings(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+@pytest.mark.parametrize("algo", ["reopold", "rkl", "rkl_sg", "grpo", "sft", "gkd"])
+def test_every_algorithm_trains_on_image_prompts(tmp_path, vlm_pair, algo):
+    run_dir = train(_config(tmp_path, vlm_pair, algo={"name": algo}, run={"steps": 2, "eval_every": 0,
+                                                                         "save_every": 2}))
+    rows = _records(run_dir, "train")
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]) and not row["skipped"]
+        if algo != "grpo":
+            assert row["grad_norm"] > 0
+    assert (latest_checkpoint(run_dir) / "model.safetensors").exists()
+
+
+def test_training_lowers_held_out_reverse_kl(tmp_path, vlm_pair):
+    run_dir = train(_config(tmp_path, vlm_pair, algo={"name": "rkl"},
+                            run={"steps": 8, "eval_every": 8, "save_every": 8}))
+    evals = _records(run_dir, "eval")
+    assert [e["step"] for e in evals] == [0, 8]
+    assert evals[-1]["reverse_kl"] < 0.8 * evals[0]["reverse_kl"], evals
+
+
+def test_resume_is_exact_with_image_prompts(tmp_path, vlm_pair):
+    config = _config(tmp_path, vlm_pair)
+    run_dir = train(config)
+    full = _records(run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step-000004")
+    (run_dir / "checkpoints" / "latest").write_text("step-000002\n")
+    train(config, resume=str(run_dir))
+    assert _without_timings(_records(run_dir)) == _without_timings(full)
+
+
+def test_vision_tower_frozen_by_default(tmp_path, vlm_pair):
+    from reopold.models.loading import apply_lora, freeze_vision, load_model
+    from reopold.config.schema import LoraConfig
+
+    model = load_model(str(vlm_pair[1]))
+    assert freeze_vision(model) > 0
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".visual." in f".{n}")
+    assert any(p.requires_grad for n, p in model.named_parameters() if "language_model" in n)
+    lora = apply_lora(load_model(str(vlm_pair[1])), LoraConfig(r=2))
+    adapted = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert adapted and not any("visual" in n for n in adapted)
+    with_vision = apply_lora(load_model(str(vlm_pair[1])), LoraConfig(r=2), freeze_vision=False)
+    assert any("visual" in n for n, p in with_vision.named_parameters() if p.requires_grad)
+
+
+def test_blind_teacher_is_refused(tmp_path):
+    from reopold.models.loading import resolve_model
+    from reopold.models.vision import load_vlm
+
+    model, processor = load_vlm(resolve_model("demo-visual-teacher"))
+    with torch.no_grad():  # the projector outputs zeros: every image looks the same to the language model
+        for p in model.model.visual.merger.parameters():
+            p.zero_()
+    save_vlm(model, processor, tmp_path / "blind")
+    config = _config(tmp_path, (tmp_path / "blind", "demo-visual-student"), data={"preflight_problems": 4},
+                     rollout={"max_new_tokens": 40})
+    with pytest.raises(ValueError, match="does not look at the images"):
+        train(config)
+
+
+def test_text_teacher_for_a_vision_student_is_refused(tmp_path, vlm_pair):
+    with pytest.raises(ValueError, match="text-only"):
+        train(_config(tmp_path, ("demo-teacher", vlm_pair[1])))

@@ -327,12 +327,12 @@ def build_local_teacher(config: TrainConfig, tokenizer, task, encode, prompts: P
                                 trainable=False)
     check_output_size(teacher_lm, tokenizer, config.teacher.model)
     probe = prompts.sampler.problems[: config.data.preflight_problems]
-    if preflight and probe and all(p.answer is not None for p in probe):
-        preflight_teacher(teacher_lm, tokenizer, task, probe, encode, config.rollout.max_new_tokens)
     teacher = LocalTeacher(teacher_lm, temperature=config.teacher.temperature,
                            micro_batch_size=config.teacher.micro_batch_size)
     if preflight and probe and getattr(encode, "multimodal", False):  # a teacher that cannot see stops here
         check_teacher_sees_images(teacher, teacher_lm, tokenizer, probe[:8], encode, config.rollout.max_new_tokens)
+    if preflight and probe and all(p.answer is not None for p in probe):
+        preflight_teacher(teacher_lm, tokenizer, task, probe, encode, config.rollout.max_new_tokens)
     engine = HFRolloutEngine(teacher_lm, tokenizer, max_new_tokens=config.rollout.max_new_tokens,
                              temperature=config.rollout.temperature, **vision_options(encode))
     return teacher, engine
