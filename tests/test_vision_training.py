@@ -243,3 +243,41 @@ def test_blind_teacher_is_refused(tmp_path):
 def test_text_teacher_for_a_vision_student_is_refused(tmp_path, vlm_pair):
     with pytest.raises(ValueError, match="text-only"):
         train(_config(tmp_path, ("demo-teacher", vlm_pair[1])))
+
+
+@pytest.mark.parametrize("size", ["3b", "7b"])
+def test_visual_recipes_hold_the_papers_settings(size):
+    from pathlib import Path
+
+    from reopold.config.loader import load_config
+
+    config = load_config(TrainConfig, Path(__file__).resolve().parents[1] / "configs" / "recipes" / f"visual-{size}.yaml")
+    assert config.student.model == f"Qwen/Qwen2.5-VL-{size.upper()}-Instruct"
+    assert config.teacher.model == "Qwen/Qwen2.5-VL-32B-Instruct" and config.student.freeze_vision
+    assert (config.run.steps, config.rollout.samples_per_prompt, config.rollout.prompts_per_step) == (60, 12, 128)
+    assert (config.optim.mini_batch_prompts, config.optim.lr, config.algo.lam, config.algo.beta) == (64, 5e-6, 0.3, 0.2)
+    assert (config.algo.switch_step, config.rollout.max_new_tokens, config.rollout.temperature) == (20, 2048, 1.0)
+    assert config.data.task == "image-prompts" and config.rollout.engine == "hf"
+
+
+def test_image_prompt_files(tmp_path, vlm):
+    import numpy as np
+    from PIL import Image
+
+    from reopold.tasks.visual import ImagePromptTask
+
+    _, processor = vlm
+    Image.fromarray(np.full((56, 56, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    rows = [{"problem": f"<image>find x {i}", "answer": str(i), "images": ["a.png"] * (1 + i % 2)} for i in range(20)]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    task = ImagePromptTask(str(tmp_path / "p.jsonl"), prompt_key="problem", held_out=4)
+    problems = task.problems("train", 3)
+    assert len(task.problems("test", 10)) == 2 and problems[0].prompt.startswith("find x")
+    assert task.check(problems[0], f"so \\boxed{{{problems[0].answer}}}")
+    ids, mask, images = VisionPromptEncoder(processor).batch(problems)
+    counts = [len(p.images) for p in problems]
+    assert images.images_per_row.tolist() == counts and images.image_grid_thw.shape[0] == sum(counts)
+    assert images.mm_token_type_ids.sum(-1).tolist() == [4 * c for c in counts]  # 4 tokens per 56x56 image
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"problem": "x", "answer": "1"}))
+    with pytest.raises(ValueError, match="no image"):
+        ImagePromptTask(str(tmp_path / "bad.jsonl"), prompt_key="problem")

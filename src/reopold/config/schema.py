@@ -63,6 +63,8 @@ class DataConfig:
     digits: list[int] = option([3, 2], "digits of the two factors of the arithmetic task")
     prompts: str | None = option(None, "JSONL file or dataset saved with save_to_disk, for data.task=prompts")
     prompt_key: str = option("prompt", "field holding the prompt text")
+    image_key: str = option("images", "data.task=image-prompts: field holding a row's image or list of images (file "
+                            "paths relative to the JSONL file, or a datasets Image column)")
     answer_key: str = option("answer", "field holding the reference answer (needed by grpo and evaluation)")
     checker: str = option("exact", "how data.task=prompts grades answers: exact (normalised last \\boxed{} or number) "
                           "or math (symbolic equivalence with math-verify: pip install 'reopold[math]')",

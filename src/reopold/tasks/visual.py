@@ -22,9 +22,12 @@ import hashlib
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from reopold.tasks.prompts import PromptTask, load_records
 
 SPLITS = ("train", "validation", "test")
 HELD_OUT_SHARE = {"validation": 0.05, "test": 0.10}
@@ -166,12 +169,77 @@ class VisualAdditionTask:
 
 
 def problem_images(problem) -> list:
-    """The images of an image problem: ``problem.images`` (a list) or ``problem.image`` (one)."""
+    """The images of an image problem: ``problem.images`` (a list) or ``problem.image`` (one), each an array, a
+    PIL image, a file path, or a datasets ``{"bytes": ..., "path": ...}`` dict (files are opened here)."""
     images = getattr(problem, "images", None)
     if images is None:
         image = getattr(problem, "image", None)
         images = [] if image is None else [image]
-    return list(images)
+    return [_open_image(image) for image in images]
+
+
+def _open_image(image):
+    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__") or isinstance(image, dict):
+        import io
+
+        from PIL import Image
+
+        if isinstance(image, dict):
+            image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+        elif isinstance(image, bytes):
+            image = io.BytesIO(image)
+        return Image.open(image).convert("RGB")
+    if hasattr(image, "convert"):  # a PIL image
+        return image.convert("RGB")
+    return image
+
+
+@dataclass(frozen=True, eq=False)
+class ImageProblem:
+    """A prompt with images and an optional reference answer, read from a file (``ImagePromptTask``)."""
+
+    prompt: str
+    answer: str | None
+    images: tuple  # paths (opened when rendered), PIL images, arrays, or datasets image dicts
+
+
+class ImagePromptTask(PromptTask):
+    """Image prompts from a JSONL file or a dataset saved with ``save_to_disk``: each row holds the prompt text
+    (``data.prompt_key``), one image or a list of them (``data.image_key``: file paths, relative to a JSONL file's
+    folder, or a datasets Image column) and the reference answer (``data.answer_key``). ``<image>`` markers in
+    the text are removed: the images go before the text. Answers are graded like ``data.task=prompts``."""
+
+    name = "image-prompts"
+
+    def __init__(self, path: str, *, prompt_key: str = "prompt", answer_key: str = "answer",
+                 image_key: str = "images", held_out: int = 1000, checker: str = "exact"):
+        if checker == "math":
+            from reopold.tasks.checkers import MathChecker
+
+            self._math = MathChecker()  # fails here, before any model loads, when math-verify is missing
+        else:
+            self._math = None
+        folder = Path(path).expanduser().parent
+        problems = []
+        for number, record in enumerate(load_records(path, prompt_key=prompt_key), start=1):
+            images = record.get(image_key)
+            if images is None or images == []:
+                raise ValueError(f"{path}: row {number} has no image under {image_key!r} (set data.image_key)")
+            images = images if isinstance(images, list) else [images]
+            images = tuple(str(folder / i) if isinstance(i, str) and not Path(i).is_absolute() else i for i in images)
+            answer = record.get(answer_key)
+            text = record[prompt_key].replace("<image>", "").strip()
+            problems.append(ImageProblem(text, None if answer is None else str(answer), images))
+        order = list(range(len(problems)))
+        random.Random(0).shuffle(order)  # a fixed held-out set, independent of the run's seed
+        held = min(held_out, len(problems) // 10)
+        self._splits = {"test": [problems[i] for i in order[:held]], "validation": [problems[i] for i in order[:held]],
+                        "train": [problems[i] for i in order[held:]]}
+
+    @classmethod
+    def from_config(cls, data) -> ImagePromptTask:
+        return cls(data.prompts, prompt_key=data.prompt_key, answer_key=data.answer_key, image_key=data.image_key,
+                   held_out=data.eval_problems, checker=data.checker)
 
 
 def problem_messages(problem) -> list[dict]:
