@@ -281,3 +281,17 @@ def test_image_prompt_files(tmp_path, vlm):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"problem": "x", "answer": "1"}))
     with pytest.raises(ValueError, match="no image"):
         ImagePromptTask(str(tmp_path / "bad.jsonl"), prompt_key="problem")
+
+
+def test_checkpoint_holds_the_processor_and_reopold_eval_reads_it(tmp_path, vlm_pair):
+    from reopold.cli import main
+
+    run_dir = train(_config(tmp_path, vlm_pair, run={"steps": 1, "eval_every": 0, "save_every": 1}))
+    checkpoint = latest_checkpoint(run_dir)
+    assert (checkpoint / "processor_config.json").exists() and (checkpoint / "chat_template.jinja").exists()
+    out = tmp_path / "eval"
+    main(["eval", str(checkpoint), "--task", "visual-addition", "--num-problems", "4", "--n", "1",
+          "--temperature", "0", "--max-new-tokens", "8", "--out", str(out)])
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["num_problems"] == 4 and 0.0 <= saved["metrics"]["pass@1"] <= 1.0
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 4
