@@ -211,8 +211,8 @@ def test_resume_is_exact_with_image_prompts(tmp_path, vlm_pair):
 
 
 def test_vision_tower_frozen_by_default(tmp_path, vlm_pair):
-    from reopold.models.loading import apply_lora, freeze_vision, load_model
     from reopold.config.schema import LoraConfig
+    from reopold.models.loading import apply_lora, freeze_vision, load_model
 
     model = load_model(str(vlm_pair[1]))
     assert freeze_vision(model) > 0
@@ -251,7 +251,8 @@ def test_visual_recipes_hold_the_papers_settings(size):
 
     from reopold.config.loader import load_config
 
-    config = load_config(TrainConfig, Path(__file__).resolve().parents[1] / "configs" / "recipes" / f"visual-{size}.yaml")
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "recipes" / f"visual-{size}.yaml"
+    config = load_config(TrainConfig, recipe)
     assert config.student.model == f"Qwen/Qwen2.5-VL-{size.upper()}-Instruct"
     assert config.teacher.model == "Qwen/Qwen2.5-VL-32B-Instruct" and config.student.freeze_vision
     assert (config.run.steps, config.rollout.samples_per_prompt, config.rollout.prompts_per_step) == (60, 12, 128)
@@ -295,3 +296,14 @@ def test_checkpoint_holds_the_processor_and_reopold_eval_reads_it(tmp_path, vlm_
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["num_problems"] == 4 and 0.0 <= saved["metrics"]["pass@1"] <= 1.0
     assert len((out / "samples.jsonl").read_text().splitlines()) == 4
+
+
+def test_scaling_measures_vision_models_on_image_problems(tmp_path):
+    from reopold.cli import main
+
+    out = tmp_path / "scaling"
+    main(["scaling", "--model", "teacher=demo-visual-teacher", "--task", "visual-addition", "--num-problems", "4",
+          "--ks", "1,2", "--out", str(out)])
+    points = json.loads((out / "scaling.json").read_text())["points"]["teacher"]
+    assert [p["k"] for p in points] == [1, 2]
+    assert all(p["maj_at_k"] == 1.0 for p in points)  # the teacher reads every image right (sampled at T = 1)

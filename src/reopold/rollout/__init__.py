@@ -4,4 +4,5 @@
 from reopold.rollout.batch import ImageInputs, Rollout, RolloutEngine, build_rollout, completion_mask_from
 from reopold.rollout.hf import HFRolloutEngine, vision_options
 
-__all__ = ["HFRolloutEngine", "ImageInputs", "Rollout", "RolloutEngine", "build_rollout", "completion_mask_from", "vision_options"]
+__all__ = ["HFRolloutEngine", "ImageInputs", "Rollout", "RolloutEngine", "build_rollout", "completion_mask_from",
+           "vision_options"]

@@ -294,7 +294,8 @@ class VisionPromptEncoder:
 
     def lengths(self, problems: list) -> list[int]:
         """Prompt tokens of each problem, image tokens included."""
-        return [int(n) for n in self.batch(problems, check=False)[1].sum(-1).tolist()]
+        return [int(n) for start in range(0, len(problems), 256)
+                for n in self.batch(problems[start : start + 256], check=False)[1].sum(-1).tolist()]
 
     def batch(self, problems: list, *, check: bool = True):
         """(input_ids (B, P), attention_mask (B, P), ImageInputs) of ``problems``, left-padded."""

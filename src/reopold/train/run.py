@@ -26,8 +26,8 @@ from reopold.models.loading import (
     image_token_ids,
     is_adapter_dir,
     is_vision_model,
-    load_processor,
     load_model,
+    load_processor,
     load_tokenizer,
     resolve_model,
 )
