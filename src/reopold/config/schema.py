@@ -229,6 +229,10 @@ class TrainConfig:
                 raise ConfigError("a teacher server scores at temperature 1.0; unset teacher.temperature")
         if self.data.task == "prompts" and not self.data.prompts:
             raise ConfigError("data.task=prompts needs data.prompts: a JSONL file or a dataset saved on disk")
+        if self.data.task == "image-prompts" and not self.data.prompts:
+            raise ConfigError("data.task=image-prompts needs data.prompts: a JSONL file or a dataset saved on disk")
+        if self.data.max_prompt_tokens is not None and self.data.max_prompt_tokens <= 0:
+            raise ConfigError(f"data.max_prompt_tokens must be > 0 or None; got {self.data.max_prompt_tokens}")
         if self.algo.switch_step is not None and self.algo.switch_step < 0:
             raise ConfigError(f"algo.switch_step must be >= 0 or None; got {self.algo.switch_step}")
         if self.run.eval_every < 0:
