@@ -307,3 +307,12 @@ def test_scaling_measures_vision_models_on_image_problems(tmp_path):
     points = json.loads((out / "scaling.json").read_text())["points"]["teacher"]
     assert [p["k"] for p in points] == [1, 2]
     assert all(p["maj_at_k"] == 1.0 for p in points)  # the teacher reads every image right (sampled at T = 1)
+
+
+def test_served_teacher_for_a_vision_student_is_refused(vlm_pair):
+    from reopold.config.loader import ConfigError
+    from reopold.train.run import check_vision_pair
+
+    with pytest.raises(ConfigError, match="not images"):
+        check_vision_pair(str(vlm_pair[1]), "served-name", served=True)
+    check_vision_pair(str(vlm_pair[1]), str(vlm_pair[0]))  # same family, same image token ids: accepted
