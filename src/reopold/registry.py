@@ -69,6 +69,8 @@ ALGORITHMS.register("sft", "reopold.train.algorithms:build_sft")
 ALGORITHMS.register("gkd", "reopold.train.algorithms:build_gkd")
 TASKS.register("arithmetic", "reopold.tasks.arithmetic:ArithmeticTask")
 TASKS.register("prompts", "reopold.tasks.prompts:PromptTask")
+TASKS.register("visual-addition", "reopold.tasks.visual:VisualAdditionTask")
+TASKS.register("image-prompts", "reopold.tasks.visual:ImagePromptTask")
 
 
 def choices_of(registry: Registry) -> Callable[[], tuple[str, ...]]:

@@ -27,6 +27,8 @@ class StudentConfig:
                         "('demo-student' is the bundled one)")
     dtype: str = option("float32", "weights dtype of the student", choices=("float32", "bfloat16"))
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    freeze_vision: bool = option(True, "vision-language students: no training (and no LoRA adapters) for the vision "
+                                 "tower and projector")
 
 
 @dataclass
@@ -70,6 +72,8 @@ class DataConfig:
     digits: list[int] = option([3, 2], "digits of the two factors of the arithmetic task")
     prompts: str | None = option(None, "JSONL file or dataset saved with save_to_disk, for data.task=prompts")
     prompt_key: str = option("prompt", "field holding the prompt text")
+    image_key: str = option("images", "data.task=image-prompts: field holding a row's image or list of images (file "
+                            "paths relative to the JSONL file, or a datasets Image column)")
     answer_key: str = option("answer", "field holding the reference answer (needed by grpo and evaluation)")
     checker: str = option("exact", "how data.task=prompts grades answers: exact (normalised last \\boxed{} or number) "
                           "or math (symbolic equivalence with math-verify: pip install 'reopold[math]')",
@@ -83,6 +87,8 @@ class DataConfig:
     eval_split: str = option("test", "held-out split used for evaluation", choices=("validation", "test"))
     teacher_key: str | None = option(None, "with several teachers and data.task=prompts: the column naming each "
                                      "prompt's teacher; None routes every prompt to the teacher named data.task")
+    max_prompt_tokens: int | None = option(None, "image prompts: drop (counted) training and held-out prompts longer "
+                                           "than this, image tokens included; prompts are never cut")
 
 
 @dataclass
@@ -254,6 +260,10 @@ class TrainConfig:
                               "teachers: it needs data.task=prompts and a teachers list")
         if self.data.task == "prompts" and not self.data.prompts:
             raise ConfigError("data.task=prompts needs data.prompts: a JSONL file or a dataset saved on disk")
+        if self.data.task == "image-prompts" and not self.data.prompts:
+            raise ConfigError("data.task=image-prompts needs data.prompts: a JSONL file or a dataset saved on disk")
+        if self.data.max_prompt_tokens is not None and self.data.max_prompt_tokens <= 0:
+            raise ConfigError(f"data.max_prompt_tokens must be > 0 or None; got {self.data.max_prompt_tokens}")
         if self.algo.switch_step is not None and self.algo.switch_step < 0:
             raise ConfigError(f"algo.switch_step must be >= 0 or None; got {self.algo.switch_step}")
         if self.run.eval_every < 0:

@@ -27,6 +27,8 @@ def _add_problem_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--problems", metavar="FILE", help="JSONL (or saved dataset) of problems with answers")
     parser.add_argument("--prompt-key", default="prompt", help="field of a problem's prompt in --problems")
     parser.add_argument("--answer-key", default="answer", help="field of a problem's reference answer in --problems")
+    parser.add_argument("--image-key", help="image prompts: field of a problem's image(s) in --problems (file paths "
+                        "relative to the file, or a datasets Image column); needs a vision-language model")
     parser.add_argument("--digits", type=_int_list, default=[3, 2], help="digits of the arithmetic factors (3,2)")
     parser.add_argument("--split", default="test", choices=("validation", "test"), help="split of the bundled task")
     parser.add_argument("--num-problems", type=int,
@@ -92,10 +94,19 @@ def load_problems(args, default_count: int | None) -> tuple[list, object]:
     from reopold.tasks import Problem, get_task
 
     if args.problems is None:
-        task = get_task(args.task, digits=tuple(args.digits))
+        task = get_task(args.task, **({"digits": tuple(args.digits)} if args.task == "arithmetic" else {}))
         return task.problems(args.split, args.num_problems or default_count or 200), task
     from reopold.tasks.prompts import PromptTask, load_records
 
+    if getattr(args, "image_key", None):  # image prompts: every row of the file, with its images
+        from reopold.tasks.visual import ImagePromptTask
+
+        task = ImagePromptTask(args.problems, prompt_key=args.prompt_key, answer_key=args.answer_key,
+                               image_key=args.image_key, held_out=0)
+        problems = task.problems("train", len(task.problems("train", 10**9)))
+        if any(p.answer is None for p in problems):
+            raise ValueError(f"{args.problems}: every row needs a reference answer under {args.answer_key!r}")
+        return problems[: args.num_problems or default_count or len(problems)], task
     records = load_records(args.problems, prompt_key=args.prompt_key)
     for row, record in enumerate(records, start=1):
         answer = record.get(args.answer_key)
@@ -132,11 +143,17 @@ def _device_and_dtype(args) -> tuple[str, str]:
 
 
 def _load(path: str, args, device: str, dtype: str):
-    from reopold.models.loading import load_model, load_tokenizer
+    from reopold.models.loading import is_vision_model, load_model, load_processor, load_tokenizer
     from reopold.tasks.prompts import PromptEncoder
 
     tokenizer = load_tokenizer(path)
-    encode = PromptEncoder(tokenizer, args.chat_template)
+    if is_vision_model(path):  # image prompts rendered with the model's processor (docs/vision.md)
+        from reopold.tasks.visual import VisionPromptEncoder
+
+        encode = VisionPromptEncoder(load_processor(path))
+        tokenizer = encode.tokenizer
+    else:
+        encode = PromptEncoder(tokenizer, args.chat_template)
     return load_model(path, dtype=dtype, device=device, trainable=False), tokenizer, encode
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from reopold.models.scorer import TokenScorer
-from reopold.rollout import HFRolloutEngine
+from reopold.rollout import HFRolloutEngine, vision_options
 from reopold.tasks.checkers import Checker, TaskChecker
 from reopold.teacher import TeacherUnavailable
 
@@ -48,7 +48,7 @@ def sample_and_grade(
     the global torch RNG: seed it (or fork it) around the call for reproducible samples.
     """
     engine = HFRolloutEngine(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
-                             do_sample=not greedy)
+                             do_sample=not greedy, **vision_options(encode))
     per_call = max(1, batch_size // num_samples)
     graded = []
     for start in range(0, len(problems), per_call):
@@ -99,7 +99,8 @@ def evaluate(
     if teacher is None or kl_problems <= 0:
         return metrics
 
-    sampler = HFRolloutEngine(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature)
+    sampler = HFRolloutEngine(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
+                              **vision_options(encode))
     scorer = scorer if scorer is not None else TokenScorer(model, temperature=temperature)
     devices = [next(model.parameters()).device] if next(model.parameters()).is_cuda else []
     kl_sum, count = 0.0, 0

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from reopold.evaluation.metrics import maj_at_k, pass_at_k
-from reopold.rollout import HFRolloutEngine
+from reopold.rollout import HFRolloutEngine, vision_options
 
 METRICS = ("pass", "maj")
 
@@ -73,7 +73,9 @@ def measure_scaling(models: list[ScalingModel], problems: list, checker, *, ks: 
     labels = [m.label for m in models]
     if len(set(labels)) != len(labels):
         raise ValueError(f"model labels must be distinct, got {labels}")
-    engines = {m.label: HFRolloutEngine(m.model, m.tokenizer, max_new_tokens=max_new_tokens, temperature=temperature)
+    # Image models render image prompts from the problems (their processor time is part of the latency).
+    engines = {m.label: HFRolloutEngine(m.model, m.tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
+                                        **vision_options(m.encode))
                for m in models}
     prompts = {m.label: [m.encode(p.prompt) for p in problems] for m in models}
     if warmup:

@@ -10,8 +10,12 @@ from pathlib import Path
 import torch
 
 DEMO_DIR = Path(__file__).parent.parent / "assets" / "demo"
+VISUAL_DEMO_DIR = Path(__file__).parent.parent / "assets" / "demo-visual"
 DEMO_MODELS = {"demo-teacher": DEMO_DIR / "teacher", "demo-student": DEMO_DIR / "student",
-               "demo-teacher-merges": DEMO_DIR / "teacher-merges"}  # the demo teacher, digit+operator tokens
+               "demo-teacher-merges": DEMO_DIR / "teacher-merges",  # the demo teacher, digit+operator tokens
+               "demo-visual-teacher": VISUAL_DEMO_DIR / "teacher", "demo-visual-student": VISUAL_DEMO_DIR / "student"}
+# Parameters of a vision tower or its projector (Qwen-VL "visual", LLaVA "vision_tower" / "multi_modal_projector").
+VISION_MODULES = r".*(visual|vision_tower|vision_model|multi_modal_projector)\b.*"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -94,15 +98,69 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
+def model_config(name: str) -> dict:
+    """The config.json of a local model folder (empty for a hub name not in the cache)."""
+    import json
+
+    path = Path(resolve_model(name)) / "config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def is_vision_model(name: str) -> bool:
+    """True for an image-text-to-text model (its config has a vision part)."""
+    config = model_config(name)
+    return "vision_config" in config or "image_token_id" in config or "image_token_index" in config
+
+
+def image_token_ids(name: str) -> dict:
+    """The ids a vision-language model gives its image placeholders (from config.json)."""
+    config = model_config(name)
+    keys = ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return {k: config[k] for k in keys if k in config}
+
+
+def load_processor(name: str):
+    """The processor of a vision-language model. Qwen2-VL / Qwen2.5-VL get the image-only processor (no
+    torchvision: docs/vision.md); others AutoProcessor."""
+    path = resolve_model(name)
+    if model_config(name).get("model_type") in ("qwen2_vl", "qwen2_5_vl"):
+        from reopold.models.vision import _processor_class
+
+        processor = _processor_class().from_pretrained(path)
+    else:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(path)
+    tokenizer = processor.tokenizer
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return processor
+
+
+def freeze_vision(model) -> int:
+    """Stop gradients to the vision tower and projector; returns the number of frozen parameters."""
+    import re
+
+    frozen = 0
+    for name, param in model.named_parameters():
+        if re.fullmatch(VISION_MODULES, name):
+            param.requires_grad_(False)
+            frozen += param.numel()
+    return frozen
+
+
 def load_model(name: str, *, dtype: str = "float32", device: torch.device | str = "cpu", trainable: bool = True):
-    """A causal LM in ``dtype`` on ``device``; a frozen one (eval mode, no grad) when ``trainable`` is False."""
-    from transformers import AutoModelForCausalLM
+    """A causal LM (or an image-text-to-text model) in ``dtype`` on ``device``; a frozen one (eval mode, no grad)
+    when ``trainable`` is False."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got dtype={dtype!r}")
     path = resolve_model(name)
+    auto = AutoModelForImageTextToText if is_vision_model(name) else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        model = auto.from_pretrained(path, dtype=DTYPES[dtype])
     except Exception as err:  # a cut or corrupt weights file, a hub refusal: one line naming the model
         if not _is_load_error(err):
             raise
@@ -148,8 +206,9 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def apply_lora(model, lora, checkpoint: str | Path | None = None):
-    """Wrap ``model`` with PEFT LoRA adapters (fresh, or the trainable ones saved in ``checkpoint``)."""
+def apply_lora(model, lora, checkpoint: str | Path | None = None, *, freeze_vision: bool = True):
+    """Wrap ``model`` with PEFT LoRA adapters (fresh, or the trainable ones saved in ``checkpoint``). With
+    ``freeze_vision`` a vision-language model's vision tower and projector get no adapters."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if checkpoint is not None:
@@ -158,6 +217,7 @@ def apply_lora(model, lora, checkpoint: str | Path | None = None):
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        exclude_modules=VISION_MODULES if freeze_vision else None,
     )  # fmt: skip
     return get_peft_model(model, config)
 

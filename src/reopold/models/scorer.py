@@ -17,6 +17,13 @@ def plain_lm_head(lm) -> bool:
     return get("final_logit_softcapping") is None and get("logit_scale") in (None, 1.0) and hasattr(lm, "get_decoder")
 
 
+def multimodal_backbone(lm):
+    """The module of an image-text-to-text model that takes ``pixel_values`` and returns the final hidden states
+    (``ForConditionalGeneration.model``; through a PEFT wrapper too)."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    return base.model
+
+
 def _owned(t):
     """``t``, copied when it is a view: FSDP2's backward hooks on a root module's output are lost if a view is
     modified in place later (torch warns at every forward), so a sharded scorer never returns one."""
@@ -74,10 +81,18 @@ class TokenScorer(torch.nn.Module):
             "position_ids": rollout.position_ids,
             "use_cache": False,  # teacher forcing needs no KV cache
         }
+        if rollout.images is not None:
+            # Image prompts: the model computes its own (3-D, Qwen-VL) positions from mm_token_type_ids, as
+            # generate() did; 1-D position_ids would silently shift every token after an image.
+            del inputs["position_ids"]
+            inputs.update(rollout.images.forward_inputs(rollout.input_ids.shape[1]))
         if return_logits:
             return self.lm(**inputs).logits[:, start:end]
         if plain_lm_head(self.lm):
-            hidden = self.lm.get_decoder()(**inputs).last_hidden_state[:, start:end]  # (B, T, D)
+            # The backbone runs once over the whole sequence (image features are scattered into the embeddings);
+            # only the output head is chunked.
+            backbone = multimodal_backbone(self.lm) if rollout.images is not None else self.lm.get_decoder()
+            hidden = backbone(**inputs).last_hidden_state[:, start:end]  # (B, T, D)
             head = self.lm.get_output_embeddings()
             return logprobs_from_hidden(
                 hidden, head.weight, tokens, temperature=self.temperature, chunk_size=self.chunk_size,

@@ -10,6 +10,47 @@ import torch
 
 
 @dataclass
+class ImageInputs:
+    """The image part of a batch of image prompts, laid out as a Qwen-VL processor returns it.
+
+    ``pixel_values`` is flat over the batch: image i owns ``image_grid_thw[i].prod()`` consecutive rows, images in
+    row order. Rows are selected by re-joining their images' blocks, never by slicing at batch positions.
+    """
+
+    pixel_values: torch.Tensor  # (sum of patches, C*t*p*p)
+    image_grid_thw: torch.Tensor  # (n_images, 3) long
+    images_per_row: torch.Tensor  # (B,) long, images in each row's prompt
+    mm_token_type_ids: torch.Tensor  # (B, P) 1 on image placeholder tokens of the prompt, 0 elsewhere
+
+    def select(self, index: torch.Tensor) -> ImageInputs:
+        """The rows ``index`` (repeats allowed: the n samples of a prompt), each with its own images."""
+        index = torch.as_tensor(index, dtype=torch.long).cpu()
+        counts = self.images_per_row.cpu()
+        first = torch.cumsum(counts, 0) - counts  # (B,) index of each row's first image
+        images = [i for row in index.tolist() for i in range(int(first[row]), int(first[row] + counts[row]))]
+        blocks = torch.split(self.pixel_values, self.image_grid_thw.prod(-1).tolist())
+        device = self.pixel_values.device
+        return ImageInputs(
+            pixel_values=torch.cat([blocks[i] for i in images]) if images else self.pixel_values[:0],
+            image_grid_thw=self.image_grid_thw[torch.tensor(images, dtype=torch.long, device=device)],
+            images_per_row=self.images_per_row[index.to(self.images_per_row.device)],
+            mm_token_type_ids=self.mm_token_type_ids[index.to(self.mm_token_type_ids.device)],
+        )
+
+    def to(self, device: torch.device | str) -> ImageInputs:
+        return ImageInputs(*(t.to(device) for t in (self.pixel_values, self.image_grid_thw, self.images_per_row,
+                                                     self.mm_token_type_ids)))
+
+    def forward_inputs(self, width: int) -> dict[str, torch.Tensor]:
+        """Model kwargs for a teacher-forced pass over ``width`` tokens (prompt + response): ``mm_token_type_ids``
+        extended with zeros (text) over the response, so Qwen-VL computes generate()'s 3-D positions."""
+        types = self.mm_token_type_ids
+        pad = torch.zeros((types.shape[0], width - types.shape[1]), dtype=types.dtype, device=types.device)
+        return {"pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw,
+                "mm_token_type_ids": torch.cat([types, pad], dim=1)}
+
+
+@dataclass
 class Rollout:
     """A batch of prompts with one sampled (or given) response each, laid out for teacher-forced scoring.
 
@@ -24,6 +65,7 @@ class Rollout:
     problems: list = field(default_factory=list)  # (B,) the task problem behind each row
     texts: list[str] = field(default_factory=list)  # (B,) decoded responses, special tokens removed
     old_logprobs: torch.Tensor | None = None  # (B, T) the sampler's log-prob of each response token, if it reports it
+    images: ImageInputs | None = None  # image prompts: the images of every row (None: text only)
 
     @property
     def completion_ids(self) -> torch.Tensor:
@@ -52,6 +94,7 @@ class Rollout:
             problems=[self.problems[i] for i in index.tolist()] if self.problems else [],
             texts=[self.texts[i] for i in index.tolist()] if self.texts else [],
             old_logprobs=None if self.old_logprobs is None else self.old_logprobs[index, : max(width, 1)],
+            images=None if self.images is None else self.images.select(index),
         )
 
     def to(self, device: torch.device | str) -> Rollout:
@@ -61,6 +104,7 @@ class Rollout:
             attention_mask=self.attention_mask.to(device),
             completion_mask=self.completion_mask.to(device),
             old_logprobs=None if self.old_logprobs is None else self.old_logprobs.to(device),
+            images=None if self.images is None else self.images.to(device),
         )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from reopold.config.loader import ConfigError, load_config
 from reopold.config.schema import TrainConfig
-from reopold.rollout import HFRolloutEngine
+from reopold.rollout import HFRolloutEngine, vision_options
 from reopold.train.checkpoint import latest_intact_checkpoint
 
 CONFIG_FILE = "config.yaml"
@@ -163,7 +163,8 @@ def resume_config(run_dir: Path, overrides: list[str]) -> TrainConfig:
 
 def preflight_teacher(teacher_lm, tokenizer, task, problems, encode, max_new_tokens: int) -> float:
     """The teacher's greedy accuracy on a few training problems; 0 means the checker or the data is wrong."""
-    engine = HFRolloutEngine(teacher_lm, tokenizer, max_new_tokens=max_new_tokens, do_sample=False)
+    engine = HFRolloutEngine(teacher_lm, tokenizer, max_new_tokens=max_new_tokens, do_sample=False,
+                             **vision_options(encode))
     rollout = engine.generate([encode(p.prompt) for p in problems], problems)
     accuracy = sum(task.check(p, t) for p, t in zip(problems, rollout.texts, strict=True)) / len(problems)
     if accuracy == 0:
@@ -173,6 +174,34 @@ def preflight_teacher(teacher_lm, tokenizer, task, problems, encode, max_new_tok
             "format, and rollout.max_new_tokens"
         )
     return accuracy
+
+
+BLIND_TEACHER_NATS = 0.1
+
+
+def check_teacher_sees_images(teacher, teacher_lm, tokenizer, problems, encode, max_new_tokens: int) -> float:
+    """The teacher's summed log-prob of its own greedy answers must change when the images are blanked (pixel
+    values set to the image processor's mean: the same tokens and positions, no picture). A teacher whose vision
+    weights did not load, or that never receives the images, gives a smooth loss while the student learns nothing.
+    Returns the mean absolute change per answer, in nats; raises ValueError below ``BLIND_TEACHER_NATS``."""
+    import dataclasses
+
+    import torch
+
+    engine = HFRolloutEngine(teacher_lm, tokenizer, max_new_tokens=max_new_tokens, do_sample=False,
+                             **vision_options(encode))
+    rollout = engine.generate([encode(p.prompt) for p in problems], problems)
+    blank = dataclasses.replace(rollout.images, pixel_values=torch.zeros_like(rollout.images.pixel_values))
+    mask = rollout.completion_mask
+    seeing = (teacher.logprobs(rollout) * mask).sum(-1)
+    blind = (teacher.logprobs(dataclasses.replace(rollout, images=blank)) * mask).sum(-1)
+    change = float((seeing - blind).abs().mean())
+    if not change >= BLIND_TEACHER_NATS:
+        raise ValueError(
+            f"the teacher does not look at the images: blanking them changes the log-prob of its {len(problems)} "
+            f"greedy answers by {change:.2g} nats on average (< {BLIND_TEACHER_NATS}). Were its vision weights "
+            "loaded (a 'newly initialized' warning for the visual tower)? Is it a vision-language model?")
+    return change
 
 
 

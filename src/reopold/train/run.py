@@ -21,13 +21,17 @@ from reopold.errors import TrainingStopped
 from reopold.models.loading import (
     apply_lora,
     check_output_size,
+    freeze_vision,
+    image_token_ids,
     is_adapter_dir,
+    is_vision_model,
     load_model,
+    load_processor,
     load_tokenizer,
     resolve_model,
 )
 from reopold.models.scorer import TokenScorer, plain_lm_head
-from reopold.rollout import HFRolloutEngine, RolloutEngine
+from reopold.rollout import HFRolloutEngine, RolloutEngine, vision_options
 from reopold.tasks import Task, build_task
 from reopold.tasks.prompts import PromptEncoder, PromptSampler
 from reopold.train.algorithms import build_algorithm
@@ -81,11 +85,11 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, accelera
     task, prompts = build_prompts(config, accelerator)
     tokenizer, plans = check_models(config, source, accelerator)
     check_teacher_routes(config, prompts.sampler.problems + prompts.eval_problems)
-    encode = PromptEncoder(tokenizer, config.data.chat_template)
+    encode = build_encoder(config, tokenizer, prompts)
     torch.manual_seed(config.run.seed)
     model = build_student_model(config, source, tokenizer, accelerator)
     teacher, teacher_engine = build_teachers(config, plans, tokenizer, task, prompts.sampler.problems, accelerator,
-                                             preflight=checkpoint is None)
+                                             preflight=checkpoint is None, student_encode=encode)
     if accelerator.is_main_process:  # each teacher's mode, once every pre-flight check has passed
         print("\n".join(describe(plan, tokenizer) for plan in plans), file=sys.stderr)
     if checkpoint is None and accelerator.is_main_process:  # the share of tokens in multi-token spans
@@ -95,7 +99,7 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, accelera
     logger = build_logger(config, run_dir, checkpoint, state, accelerator)
     own_engine = engine is None  # an engine passed in is closed by its owner
     if own_engine:
-        engine = build_engine(config, student.generator, source.path, tokenizer, accelerator.device)
+        engine = build_engine(config, student.generator, source.path, tokenizer, accelerator.device, encode=encode)
     backends = Backends(engine=engine, teacher=teacher, task=task, teacher_engine=teacher_engine)
     trainer = Trainer(config, run_dir, accelerator=accelerator, student=student, backends=backends, prompts=prompts,
                       optimization=optimization, algorithm=build_algorithm(config, len(tokenizer)), logger=logger)
@@ -241,10 +245,52 @@ def build_prompts(config: TrainConfig, accelerator) -> tuple[Task, Prompts]:
     return task, Prompts(sampler=sampler, eval_problems=eval_problems)
 
 
+def build_encoder(config: TrainConfig, tokenizer, prompts: Prompts):
+    """Prompt text -> ids (PromptEncoder); for a vision-language student, a VisionPromptEncoder that renders image
+    prompts with the student's processor, after dropping (counted) the prompts longer than data.max_prompt_tokens."""
+    if not is_vision_model(config.student.model):
+        return PromptEncoder(tokenizer, config.data.chat_template)
+    from reopold.tasks.visual import VisionPromptEncoder
+
+    encode = VisionPromptEncoder(load_processor(config.student.model), max_prompt_tokens=config.data.max_prompt_tokens)
+    if config.data.max_prompt_tokens is not None:
+        train_kept, train_dropped = encode.keep_fitting(prompts.sampler.problems)
+        eval_kept, eval_dropped = encode.keep_fitting(prompts.eval_problems)
+        if train_dropped or eval_dropped:
+            print(f"reopold: dropped {train_dropped} training and {eval_dropped} held-out image prompts longer than "
+                  f"data.max_prompt_tokens={config.data.max_prompt_tokens} (image tokens are never cut)",
+                  file=sys.stderr)
+        if not train_kept or not eval_kept:
+            raise ValueError(f"no image prompt fits data.max_prompt_tokens={config.data.max_prompt_tokens}")
+        prompts.sampler.problems, prompts.eval_problems = train_kept, eval_kept
+    return encode
+
+
+def check_vision_pair(student: str, teacher: str, *, served: bool = False) -> None:
+    """A vision-language student needs a vision-language teacher giving its image placeholders the same ids (the
+    teacher scores the student's token ids and processed images)."""
+    student_vision = is_vision_model(student)
+    if served and student_vision:
+        raise ConfigError("a vision-language student with teacher.url: the teacher server is sent token ids only, "
+                          "not images, so it would score blind; use a local teacher (teacher.model)")
+    if served:
+        return
+    teacher_vision = is_vision_model(teacher)
+    if student_vision != teacher_vision:
+        which = (student, teacher) if student_vision else (teacher, student)
+        raise ValueError(f"{which[0]!r} is a vision-language model but {which[1]!r} is text-only; student and "
+                         "teacher must both see the images")
+    if image_token_ids(student) != image_token_ids(teacher):
+        raise ValueError(f"student {student!r} and teacher {teacher!r} use different image token ids "
+                         f"({image_token_ids(student)} vs {image_token_ids(teacher)}); use one model family")
+
+
 def check_models(config: TrainConfig, source: StudentSource, accelerator):
     """The student's tokenizer and each teacher's mode (the student's vocabulary: exact; another tokenizer: span
     alignment), decided before any weights load; served teachers are reached and checked here."""
     tokenizer = load_tokenizer(source.path)
+    for spec in config.teacher_specs().values():  # image prompts: both see the images, with the same tokens
+        check_vision_pair(config.student.model, spec.model, served=spec.url is not None)
     return tokenizer, plan_teachers(config, tokenizer, source.path)
 
 
@@ -257,7 +303,9 @@ def build_student_model(config: TrainConfig, source: StudentSource, tokenizer, a
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
     if config.lora.r > 0:
-        model = apply_lora(model, config.lora, source.adapters)
+        model = apply_lora(model, config.lora, source.adapters, freeze_vision=config.student.freeze_vision)
+    elif config.student.freeze_vision:
+        freeze_vision(model)  # a no-op for text-only models
     model.eval()  # train mode (dropout, checkpointing) only inside updates: see Trainer.update
     check_output_size(model, tokenizer, source.path)
     return model
@@ -320,12 +368,15 @@ class NullLogger:
         pass
 
 
-def build_engine(config: TrainConfig, student, student_path: str, tokenizer, device):
+def build_engine(config: TrainConfig, student, student_path: str, tokenizer, device, *, encode=None):
     """The student's sampler: transformers generate, or vLLM (colocated, or a TRL vllm-serve server)."""
     rollout = config.rollout
     if rollout.engine == "hf":
         return HFRolloutEngine(student, tokenizer, max_new_tokens=rollout.max_new_tokens,
-                               temperature=rollout.temperature)
+                               temperature=rollout.temperature, **vision_options(encode))
+    if getattr(encode, "multimodal", False):
+        raise ConfigError("image prompts are sampled with rollout.engine=hf only (vLLM's multimodal path is not "
+                          "wired in yet)")
     from reopold.rollout.vllm import VLLMRolloutEngine
 
     if rollout.vllm_url:

@@ -14,6 +14,7 @@ import torch
 from reopold.config.schema import TeacherConfig, TrainConfig
 from reopold.models.loading import check_output_size, load_model, load_tokenizer
 from reopold.rollout import HFRolloutEngine
+from reopold.rollout.hf import vision_options
 from reopold.tasks.prompts import PromptEncoder
 from reopold.teacher.cross import (
     EXACT,
@@ -30,7 +31,7 @@ from reopold.teacher.local import LocalTeacher
 from reopold.teacher.remote import RemoteTeacher
 from reopold.teacher.routed import RoutedTeacher, check_routes
 from reopold.train.distributed import whole_models
-from reopold.train.preflight import preflight_teacher
+from reopold.train.preflight import check_teacher_sees_images, preflight_teacher
 
 SINGLE = "teacher"  # the name of the one teacher of a run without a teachers list
 
@@ -128,14 +129,18 @@ def check_teacher_routes(config: TrainConfig, problems: list) -> None:
 
 
 def build_teachers(config: TrainConfig, plans: list[TeacherPlan], student_tokenizer, task, problems: list,
-                   accelerator, *, preflight: bool):
+                   accelerator, *, preflight: bool, student_encode=None):
     """(the Teacher to score with, the teacher's sampler for SFT or None). Local teachers load here and answer a
-    few of their prompts greedily first (``preflight_teacher``)."""
+    few of their prompts greedily first (``preflight_teacher``); with image prompts a teacher must first show that
+    it sees the images (``check_teacher_sees_images``). A teacher with the student's vocabulary reads the prompts as
+    the student does (``student_encode``: the image-rendering encoder for image prompts)."""
     route = route_of(config)
     built, engine = {}, None
     for plan in plans:
         spec = plan.spec
         encode = PromptEncoder(plan.tokenizer, config.data.chat_template)
+        if plan.mode == EXACT and student_encode is not None:
+            encode = student_encode
         if plan.remote is not None:
             inner = plan.remote
         else:
@@ -144,12 +149,14 @@ def build_teachers(config: TrainConfig, plans: list[TeacherPlan], student_tokeni
             check_output_size(lm, plan.tokenizer, spec.model)
             mine = [p for p in problems if not config.teachers or route(p) == plan.name]
             probe = mine[: config.data.preflight_problems]
+            inner = LocalTeacher(lm, temperature=spec.temperature, micro_batch_size=spec.micro_batch_size)
+            if preflight and probe and getattr(encode, "multimodal", False):  # a teacher that cannot see stops here
+                check_teacher_sees_images(inner, lm, plan.tokenizer, probe[:8], encode, config.rollout.max_new_tokens)
             if preflight and probe and all(p.answer is not None for p in probe):
                 preflight_teacher(lm, plan.tokenizer, task, probe, encode, config.rollout.max_new_tokens)
-            inner = LocalTeacher(lm, temperature=spec.temperature, micro_batch_size=spec.micro_batch_size)
             if plan.mode == EXACT and not config.teachers:
                 engine = HFRolloutEngine(lm, student_tokenizer, max_new_tokens=config.rollout.max_new_tokens,
-                                         temperature=config.rollout.temperature)
+                                         temperature=config.rollout.temperature, **vision_options(encode))
         built[plan.name] = inner if plan.mode == EXACT else CrossTokenizerTeacher(inner, plan.tokenizer,
                                                                                    student_tokenizer, encode)
     if not config.teachers:

@@ -298,7 +298,9 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "train_state": vars(self.state).copy(),
         }
-        return save_checkpoint(self.run_dir, self.state.step, self.student, self.tokenizer, state,
+        # A vision-language student's checkpoint gets its whole processor (image processor, chat template).
+        saver = getattr(self.encode, "processor", self.tokenizer)
+        return save_checkpoint(self.run_dir, self.state.step, self.student, saver, state,
                                keep=self.config.run.keep_checkpoints, weights=weights)
 
     # ---- helpers ---------------------------------------------------------------------------------------------
