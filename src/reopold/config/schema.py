@@ -234,6 +234,23 @@ class TrainConfig:
                               f"optim.mini_batch_prompts ({self.optim.mini_batch_prompts})")
         if self.algo.name == "grpo" and self.rollout.samples_per_prompt < 2:
             raise ConfigError("grpo normalises rewards within each prompt's group: set rollout.samples_per_prompt >= 2")
+        self._check_teachers()
+        if self.data.task == "prompts" and not self.data.prompts:
+            raise ConfigError("data.task=prompts needs data.prompts: a JSONL file or a dataset saved on disk")
+        if self.data.task == "image-prompts" and not self.data.prompts:
+            raise ConfigError("data.task=image-prompts needs data.prompts: a JSONL file or a dataset saved on disk")
+        if self.data.max_prompt_tokens is not None and self.data.max_prompt_tokens <= 0:
+            raise ConfigError(f"data.max_prompt_tokens must be > 0 or None; got {self.data.max_prompt_tokens}")
+        if self.algo.switch_step is not None and self.algo.switch_step < 0:
+            raise ConfigError(f"algo.switch_step must be >= 0 or None; got {self.algo.switch_step}")
+        if self.run.eval_every < 0:
+            raise ConfigError(f"run.eval_every must be >= 0; got {self.run.eval_every}")
+        self._check_numbers()
+        self._check_run_name()
+        self.algo.check_switches()
+
+    def _check_teachers(self) -> None:
+        """teacher / teachers: local or served, names, routing, and what each algorithm needs of them."""
         for key, teacher in self.teacher_specs().items():
             if teacher.micro_batch_size <= 0 or not teacher.temperature > 0:
                 raise ConfigError(f"{key}.micro_batch_size and {key}.temperature must be > 0")
@@ -258,19 +275,6 @@ class TrainConfig:
         if self.data.teacher_key is not None and (not self.teachers or self.data.task != "prompts"):
             raise ConfigError("data.teacher_key names a column of data.prompts that routes prompts among several "
                               "teachers: it needs data.task=prompts and a teachers list")
-        if self.data.task == "prompts" and not self.data.prompts:
-            raise ConfigError("data.task=prompts needs data.prompts: a JSONL file or a dataset saved on disk")
-        if self.data.task == "image-prompts" and not self.data.prompts:
-            raise ConfigError("data.task=image-prompts needs data.prompts: a JSONL file or a dataset saved on disk")
-        if self.data.max_prompt_tokens is not None and self.data.max_prompt_tokens <= 0:
-            raise ConfigError(f"data.max_prompt_tokens must be > 0 or None; got {self.data.max_prompt_tokens}")
-        if self.algo.switch_step is not None and self.algo.switch_step < 0:
-            raise ConfigError(f"algo.switch_step must be >= 0 or None; got {self.algo.switch_step}")
-        if self.run.eval_every < 0:
-            raise ConfigError(f"run.eval_every must be >= 0; got {self.run.eval_every}")
-        self._check_numbers()
-        self._check_run_name()
-        self.algo.check_switches()
 
     def _check_numbers(self) -> None:
         """Ranges of the numeric keys not checked above, so none reaches torch (a negative warmup would make the

@@ -188,18 +188,7 @@ def align_spans(
         ValueError: when a row's ends decrease, are negative, or the two sides do not cover the same number of
             bytes (the texts differ: the teacher was not given the student's completion text).
     """
-    check_mask("student_mask", student_mask)
-    check_mask("teacher_mask", teacher_mask)
-    check_same_shape(student_ends=student_ends, student_mask=student_mask)
-    check_same_shape(teacher_ends=teacher_ends, teacher_mask=teacher_mask)
-    if student_ends.shape[0] != teacher_ends.shape[0]:
-        raise ValueError(
-            f"student_ends has {student_ends.shape[0]} rows but teacher_ends has {teacher_ends.shape[0]}; "
-            "pass the same completions in the same order"
-        )
-    _check_ends("student_ends", student_ends, student_mask)
-    _check_ends("teacher_ends", teacher_ends, teacher_mask)
-
+    _check_alignment_inputs(student_ends, teacher_ends, student_mask, teacher_mask)
     s_order, s_ends, s_mask = _compact(student_ends.to(torch.int64), student_mask)  # (B, Ts)
     t_order, t_ends, t_mask = _compact(teacher_ends.to(torch.int64), teacher_mask)  # (B, Tt)
     _check_increasing("student_ends", s_ends, s_mask)
@@ -230,6 +219,21 @@ def align_spans(
         num_spans=num_spans,
         span_end_mask=torch.empty_like(s_end).scatter(1, s_order, s_end),
     )
+
+
+def _check_alignment_inputs(student_ends, teacher_ends, student_mask, teacher_mask) -> None:
+    """Masks are bool, shapes agree, both sides have the same rows, and no row's byte ends are negative."""
+    check_mask("student_mask", student_mask)
+    check_mask("teacher_mask", teacher_mask)
+    check_same_shape(student_ends=student_ends, student_mask=student_mask)
+    check_same_shape(teacher_ends=teacher_ends, teacher_mask=teacher_mask)
+    if student_ends.shape[0] != teacher_ends.shape[0]:
+        raise ValueError(
+            f"student_ends has {student_ends.shape[0]} rows but teacher_ends has {teacher_ends.shape[0]}; "
+            "pass the same completions in the same order"
+        )
+    _check_ends("student_ends", student_ends, student_mask)
+    _check_ends("teacher_ends", teacher_ends, teacher_mask)
 
 
 def _last_valid(ends: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
