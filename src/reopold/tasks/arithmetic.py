@@ -49,7 +49,12 @@ class Problem:
 def _split_of(a: int, b: int) -> str:
     """Which split the unordered pair {a, b} belongs to (stable across runs and machines)."""
     lo, hi = min(a, b), max(a, b)
-    digest = hashlib.blake2b(f"{lo}*{hi}".encode(), digest_size=8).digest()
+    return hashed_split(f"{lo}*{hi}")
+
+
+def hashed_split(key: str) -> str:
+    """The split of a problem identified by ``key``: a stable hash, so splits never depend on the seed or machine."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     u = int.from_bytes(digest, "big") / 2**64  # uniform in [0, 1)
     if u < HELD_OUT_SHARE["test"]:
         return "test"

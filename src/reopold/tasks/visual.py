@@ -18,7 +18,6 @@ versus ``b+a``. Only the final answer is checked.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from dataclasses import dataclass
@@ -27,10 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from reopold.tasks.arithmetic import SPLITS, hashed_split
 from reopold.tasks.prompts import PromptTask, load_records
-
-SPLITS = ("train", "validation", "test")
-HELD_OUT_SHARE = {"validation": 0.05, "test": 0.10}
 
 CELL = 28  # pixels per digit cell = one image token (patch 14 x spatial merge 2)
 SCALE = 3  # glyph pixel -> SCALE x SCALE image pixels (5x7 glyph -> 15x21)
@@ -68,13 +65,7 @@ class VisualProblem:
 def _split_of(a: int, b: int) -> str:
     """Which split the unordered pair {a, b} belongs to (stable across runs and machines)."""
     lo, hi = min(a, b), max(a, b)
-    digest = hashlib.blake2b(f"visual:{lo}+{hi}".encode(), digest_size=8).digest()
-    u = int.from_bytes(digest, "big") / 2**64  # uniform in [0, 1)
-    if u < HELD_OUT_SHARE["test"]:
-        return "test"
-    if u < HELD_OUT_SHARE["test"] + HELD_OUT_SHARE["validation"]:
-        return "validation"
-    return "train"
+    return hashed_split(f"visual:{lo}+{hi}")
 
 
 def draw_numbers(top: int, bottom: int, rng: random.Random) -> np.ndarray:
