@@ -1,7 +1,8 @@
 """The on-policy distillation loop. Each rollout step reads top to bottom:
 
     rollout  the student samples n answers per prompt (the teacher does, for SFT)
-    score    pi_old log-probs and entropies, teacher log-probs of the same tokens, the task's verdicts
+    score    pi_old log-probs and entropies (a no-grad student pass, skipped where the algorithm needs neither or
+             the sampler reported the log-probs), teacher log-probs of the same tokens, the task's verdicts
     shape    rewards, keep masks and the entropy threshold, fixed for the whole step (reopold.core)
     update   mini-batch policy-gradient steps, gradient accumulation over micro-batches
 
@@ -108,20 +109,30 @@ class Trainer:
         return rollout.to(self.accelerator.device)  # an engine may sample elsewhere (vLLM, a CPU copy)
 
     @torch.no_grad()
-    def score(self, rollout: Rollout) -> ScoredRollout:
+    def score(self, rollout: Rollout, step: int = 0) -> ScoredRollout:
         with self.accelerator.autocast():
-            return self._score(rollout)
+            return self._score(rollout, step)
 
-    def _score(self, rollout: Rollout) -> ScoredRollout:
+    def _score(self, rollout: Rollout, step: int) -> ScoredRollout:
+        old_logprobs, entropy = self._old_pass(rollout, step)
+        verdicts = [self.task.check(p, text) for p, text in zip(rollout.problems, rollout.texts, strict=True)]
+        teacher_logprobs = self.teacher.logprobs(rollout) if self.algorithm.needs_teacher_logprobs else None
+        verdicts = torch.tensor(verdicts, dtype=torch.float32, device=rollout.completion_mask.device)  # (B,)
+        return ScoredRollout(rollout, old_logprobs, entropy, verdicts, teacher_logprobs)
+
+    def _old_pass(self, rollout: Rollout, step: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """pi_old's log-probs and entropies of the sampled tokens, from a no-grad student pass when the step needs
+        them: the algorithm's entropy-based mask, or its ratio/reward when the sampler did not report its own
+        sampled-token log-probs (a colocated vLLM engine does, at the sampling temperature). Otherwise the pass is
+        skipped: (the sampler's log-probs or None, None)."""
+        algorithm = self.algorithm
+        supplied = rollout.old_logprobs if algorithm.rollout_source == "student" else None
+        if not (algorithm.needs_entropy(step) or (algorithm.needs_old_logprobs and supplied is None)):
+            return (supplied if algorithm.needs_old_logprobs else None), None
         parts = [self.policy(rollout.select(rows)) for rows in self._chunks(range(len(rollout)))]
         width = rollout.completion_mask.shape[1]
         pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))
-        old_logprobs = torch.cat([pad(lp) for lp, _ in parts])  # (B, T)
-        entropy = torch.cat([pad(h) for _, h in parts])  # (B, T)
-        verdicts = [self.task.check(p, text) for p, text in zip(rollout.problems, rollout.texts, strict=True)]
-        teacher_logprobs = self.teacher.logprobs(rollout) if self.algorithm.needs_teacher_logprobs else None
-        verdicts = torch.tensor(verdicts, dtype=torch.float32, device=old_logprobs.device)  # (B,)
-        return ScoredRollout(rollout, old_logprobs, entropy, verdicts, teacher_logprobs)
+        return torch.cat([pad(lp) for lp, _ in parts]), torch.cat([pad(h) for _, h in parts])  # (B, T) each
 
     def update(self, scored: ScoredRollout, shaped: Shaped, step: int) -> dict:
         """Policy updates over mini-batches of prompts; the loss of each is normalised by its global token count."""
@@ -139,6 +150,7 @@ class Trainer:
         # The step seed without the rank: every rank orders its own prompts the same way.
         order_rng = torch.Generator().manual_seed(self._step_seed(step) - accelerator.process_index)
         losses, norms, clip_fracs, skipped = [], [], [], False
+        entropy_sums = []  # (sum, count) of the student's entropy over kept tokens, from the losses that report it
         for _ in range(config.optim.epochs):
             order = torch.randperm(prompts, generator=order_rng)
             for start in range(0, prompts, per_update):
@@ -165,6 +177,9 @@ class Trainer:
                     accelerator.backward(loss * accelerator.num_processes * accelerator.gradient_accumulation_steps)
                     total = total + loss.detach().float()
                     clip = clip + metrics.get("clip_frac", torch.zeros(())).detach().float().to(clip.device)
+                    if "entropy_sum" in metrics:  # an algorithm without the scoring pass (gkd) reports its own
+                        entropy_sums.append(torch.stack([metrics["entropy_sum"].float(),
+                                                         metrics["entropy_tokens"].float()]))
                 grad_norm = self._clip_gradients()  # DeepSpeed: the norm of the step its engine just took
                 if accelerator.num_processes > 1:  # each rank holds its share of the globally normalised loss
                     total = accelerator.reduce(total, "sum")
@@ -187,7 +202,11 @@ class Trainer:
                 norms.append(grad_norm)
                 clip_fracs.append(float(clip) / len(micro_batches))
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
-        return {"loss": mean(losses), "grad_norm": mean(norms), "clip_frac": mean(clip_fracs), "skipped": skipped}
+        record = {"loss": mean(losses), "grad_norm": mean(norms), "clip_frac": mean(clip_fracs), "skipped": skipped}
+        if entropy_sums:  # token-weighted over the step's updates and every rank
+            entropy_sum, tokens = accelerator.reduce(torch.stack(entropy_sums).sum(0), "sum").tolist()
+            record["entropy_mean"] = entropy_sum / max(tokens, 1.0)
+        return record
 
     # ---- the run ---------------------------------------------------------------------------------------------
     def fit(self) -> TrainState:
@@ -235,7 +254,7 @@ class Trainer:
         rollout = self.rollout(self._local(self.sampler.batch(step)))
         rollout_done = time.perf_counter()
         try:
-            scored, failure = self.score(rollout), None
+            scored, failure = self.score(rollout, step), None
         except TeacherUnavailable as err:
             scored, failure = None, err
         if not self._all_ranks(failure is None):  # every rank stops together, after one checkpoint
