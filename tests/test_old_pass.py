@@ -132,3 +132,45 @@ def test_training_imports_no_matplotlib_until_a_report_is_written():
     code = "import sys, reopold.cli, reopold.train.run; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def count_forwards(model) -> list[bool]:
+    """Every forward of the student: whether it ran with gradients."""
+    calls, forward = [], model.forward
+
+    def counted(rollout, *, with_entropy: bool = True, return_logits: bool = False):
+        calls.append(torch.is_grad_enabled())
+        return forward(rollout, with_entropy=with_entropy, return_logits=return_logits)
+
+    model.forward = counted
+    return calls
+
+
+@pytest.mark.parametrize(("name", "algo"), [("reopold", {"switch_step": 2}), ("rkl", {"switch_step": 2}),
+                                            ("grpo", {}), ("rkl_sg", {})])
+def test_one_micro_batch_update_reuses_its_forward_as_pi_old(tmp_path, name, algo):
+    """One update of one micro-batch per rollout: the update's own forward gives pi_old (one forward a step, not
+    two), and training is the same as with the separate pass."""
+    results = {}
+    for reuse in (True, False):
+        trainer, model, _, logger = fake_trainer(tmp_path / str(reuse), name, 5, **algo)
+        trainer.config.optim.micro_batch_size = 32  # every row of the step in one micro-batch
+        trainer.reuse_update_forward = reuse
+        calls = count_forwards(model)
+        trainer.fit()
+        results[reuse] = ([r for r in logger.records if r["kind"] == "train"], calls, model.table.detach().clone())
+    (records, calls, table), (forced, forced_calls, forced_table) = results[True], results[False]
+    assert all(calls) and len(calls) == 5  # one forward a step, with gradients (rkl's exploration re-grading too)
+    assert forced_calls.count(False) >= 5 and forced_calls.count(True) == 5
+    assert_same_training(records, forced)
+    assert [float(r["entropy_mean"]) for r in records] == pytest.approx([float(r["entropy_mean"]) for r in forced])
+    torch.testing.assert_close(table, forced_table)
+
+
+def test_no_reuse_with_dropout_or_several_micro_batches(tmp_path):
+    trainer, model, _, _ = fake_trainer(tmp_path, "reopold", 1)
+    assert not trainer._reuses_update_forward(32)  # 32 rows, micro-batches of 16
+    trainer.config.optim.micro_batch_size = 32
+    assert trainer._reuses_update_forward(32)
+    model.dropout = torch.nn.Dropout(0.1)
+    assert not trainer._reuses_update_forward(32)  # training-mode forwards are random: not pi_old's
