@@ -142,7 +142,8 @@ def run_trl(steps: int, trainer_name: str) -> dict:
 
         trainer_class = DistillationTrainer
         dataset = Dataset.from_dict({"prompt": [tokenizer.decode(r) for r in rows]})
-        args = DistillationConfig(**common, max_completion_length=NEW_TOKENS, temperature=1.0, lmbda=1.0, beta=1.0)
+        args = DistillationConfig(**common, max_completion_length=NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0,
+                                  beta=1.0)
         kwargs = {}
         generate = student.generate
 
