@@ -67,6 +67,8 @@ def run_reopold(steps: int, algo: str, engine: str, reuse: bool = True) -> dict:
         overrides = [f"run.steps={steps}", "run.eval_every=0", f"run.save_every={steps}", "run.report=false",
                      "run.progress=false", f"run.output_dir={out}", "run.threads=1", f"algo.name={algo}",
                      f"rollout.engine={engine}", "run.overwrite=true"]  # fmt: skip
+        if algo not in ("reopold", "rkl", "rkl_sg"):
+            overrides.append("algo.two_phase=null")  # the demo config's REOPOLD switch means nothing to the others
         config = load_config(TrainConfig, DEMO_CONFIG, overrides)
         start = time.process_time()
         train_run.train(config)
