@@ -52,7 +52,8 @@ slow = pytest.mark.slow
 
 
 # One check per engine in the default run; the rest of the matrix under `pytest -m slow`.
-@pytest.mark.parametrize(("algo", "mode"), [("reopold", "ddp"), pytest.param("grpo", "ddp", marks=slow),
+@pytest.mark.parametrize(("algo", "mode"), [("reopold", "ddp"), ("reopold", "ddp-reuse"),
+                                            pytest.param("grpo", "ddp", marks=slow),
                                             ("reopold", "fsdp"), pytest.param("gkd", "fsdp", marks=slow),
                                             pytest.param("reopold", "fsdp-lora", marks=slow),
                                             pytest.param("reopold", "fsdp-ckpt", marks=slow),
@@ -63,7 +64,8 @@ def test_two_ranks_match_one_process(tmp_path, algo, mode):
     student = make_model(tmp_path / "student", hidden=16, layers=2, seed=2)
     weights, logged, diagnostics = {}, {}, {}
     lora, checkpointing = mode.endswith("-lora"), mode.endswith("-ckpt")  # LoRA adapters; activation checkpointing
-    mode = mode.removesuffix("-lora").removesuffix("-ckpt")
+    reuse = mode.endswith("-reuse")  # one micro-batch per update: pi_old from the update's own forward (no pass)
+    mode = mode.removesuffix("-lora").removesuffix("-ckpt").removesuffix("-reuse")
     flags = MODES[mode]  # FSDP2 and ZeRO-3: each rank holds half of every weight
     for name, command in {"single": SINGLE, "ranks": TWO_RANKS}.items():
         # 2 steps, T_switch = 1: both phases, so the global entropy threshold and kept-token count are exercised.
@@ -71,7 +73,7 @@ def test_two_ranks_match_one_process(tmp_path, algo, mode):
         # differently padded batches put it on either side; Adam then amplifies that.)
         config = tiny_config(tmp_path / name, teacher, student, algo={"name": algo, "switch_step": 1},
                              rollout={"prompts_per_step": 8, "samples_per_prompt": 4},
-                             optim={"mini_batch_prompts": 8, "micro_batch_size": 8, "lr": 1e-2},
+                             optim={"mini_batch_prompts": 8, "micro_batch_size": 32 if reuse else 8, "lr": 1e-2},
                              run={"steps": 2, "eval_every": 0, "save_every": 2, "name": name},
                              lora={"r": 4, "alpha": 8} if lora else {},
                              student={"gradient_checkpointing": checkpointing})

@@ -297,3 +297,27 @@ def test_importing_the_module_does_not_import_vllm_or_trl():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_logprobs_must_be_at_the_sampling_temperature(fake_vllm, tokenizer):
+    with pytest.raises(ValueError, match="processed_logprobs"):
+        VLLMRolloutEngine.offline("m", tokenizer, max_new_tokens=4, logprobs=True, logprobs_mode="raw_logprobs")
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({}, True),  # fp32, no autocast: the engine's log-probs are pi_old (the trainer skips its pass where it can)
+    ({"run": {"mixed_precision": "bf16"}}, False),
+    ({"student": {"dtype": "bfloat16"}}, False),
+    ({"rollout": {"engine": "vllm", "engine_logprobs": False}}, False),
+])  # fmt: skip
+def test_the_trainer_asks_for_sampled_token_logprobs_only_in_float32(fake_vllm, tokenizer, monkeypatch, overrides,
+                                                                     expected):
+    from reopold.config.loader import from_dict
+    from reopold.config.schema import TrainConfig
+    from reopold.train.run import build_engine
+
+    monkeypatch.setattr(VLLMRolloutEngine, "sync_weights", lambda self, model: None)
+    data = {"rollout": {"engine": "vllm"}, **overrides}
+    engine = build_engine(from_dict(TrainConfig, data), None, "demo-student", tokenizer, "cpu")
+    assert engine.logprobs is expected
+    assert engine.backend.llm.init["logprobs_mode"] == "processed_logprobs"

@@ -267,6 +267,37 @@ def test_a_lora_run_with_a_vllm_engine_built_from_the_config(tmp_path):
     assert [r["step"] for r in train_rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in train_rows)
 
 
+def test_training_takes_pi_old_from_the_engine_and_skips_the_pass(tmp_path, monkeypatch):
+    """rkl_sg needs no entropies: with an fp32 engine built from the config, every step's pi_old is vLLM's
+    sampled-token log-probs (after each weight sync), equal to the student's own pass, which does not run."""
+    from reopold.config.loader import from_dict
+    from reopold.config.schema import TrainConfig
+    from reopold.train.run import train
+    from reopold.train.trainer import Trainer
+    from tests.tiny import make_model, tiny_config
+
+    teacher = make_model(tmp_path / "teacher", hidden=64, layers=2, seed=1, sharpness=8.0)
+    student = make_model(tmp_path / "student", hidden=64, layers=1, seed=2)
+    config = from_dict(TrainConfig, tiny_config(
+        tmp_path, teacher, student, algo={"name": "rkl_sg"}, rollout={"engine": "vllm", "vllm_cpu_kv_cache_mb": 64},
+        optim={"lr": 1e-2}, run={"steps": 3, "eval_every": 0, "save_every": 3},
+    ))  # fmt: skip
+    old_pass, gaps = Trainer._old_pass, []
+
+    def checked(self, rollout, step):
+        old, entropy = old_pass(self, rollout, step)
+        assert entropy is None and old is rollout.old_logprobs  # the engine's, no pass
+        with torch.no_grad():
+            own, _ = self.policy(rollout)
+        gaps.append(float((own - old)[rollout.completion_mask].abs().max()))
+        return old, entropy
+
+    monkeypatch.setattr(Trainer, "_old_pass", checked)
+    train(config)
+    report("vLLM's sampled-token log-probs vs the trainer's pass, during 3 rkl_sg steps, max abs diff", max(gaps))
+    assert len(gaps) == 3 and max(gaps) < 1e-4
+
+
 def test_a_script_that_closes_the_engine_exits_cleanly(tmp_path):
     path = make_student(tmp_path / "model", tied=False, seed=3)
     script = textwrap.dedent(f"""

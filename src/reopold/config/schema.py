@@ -152,6 +152,9 @@ class RolloutConfig:
     vllm_gpu_memory: float = option(0.3, "with a colocated vLLM engine: fraction of GPU memory it may take")
     vllm_cpu_kv_cache_mb: int = option(512, "with a colocated vLLM engine on CPU: its KV cache in MiB (vLLM's CPU "
                                        "build otherwise reserves most of the machine's memory)")
+    engine_logprobs: bool = option(True, "with a colocated vLLM engine and a float32 student without autocast: take "
+                                   "pi_old from vLLM's sampled-token log-probs and skip the trainer's scoring pass "
+                                   "where no entropies are needed (see docs/vllm.md)")
 
 
 @dataclass

@@ -303,6 +303,9 @@ class VLLMRolloutEngine:
         check_vllm_version(vllm.__version__)
         extension = f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qualname__}"
         llm_kwargs = {"logprobs_mode": "processed_logprobs", **llm_kwargs}  # log-probs at the sampling temperature
+        if logprobs and llm_kwargs["logprobs_mode"] != "processed_logprobs":  # the trainer reads them as pi_old
+            raise ValueError(f"logprobs=True needs logprobs_mode='processed_logprobs' (log softmax(logits / "
+                             f"temperature), pi_old); got {llm_kwargs['logprobs_mode']!r}")
         llm = vllm.LLM(model=str(model_path), worker_extension_cls=extension, **llm_kwargs)
         backend = OfflineLLM(llm, in_process=_engine_in_process())
         return cls(backend, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, device=device,

@@ -28,8 +28,8 @@ class ScoredRollout:
     """A rollout with everything computed once per step, before any update."""
 
     rollout: Rollout
-    old_logprobs: torch.Tensor  # (B, T) rollout-time student pi_old, at the sampling temperature
-    entropy: torch.Tensor  # (B, T) entropy of pi_old's full next-token distribution
+    old_logprobs: torch.Tensor | None  # (B, T) rollout-time student pi_old, at the sampling temperature
+    entropy: torch.Tensor | None  # (B, T) entropy of pi_old's full next-token distribution
     sequence_rewards: torch.Tensor  # (B,) 1.0 where the task's checker accepts the response
     teacher_logprobs: torch.Tensor | None = None  # (B, T) teacher-forced log pi_T of the same tokens
     # A teacher with another tokenizer: how its tokens group with the student's (teacher_logprobs then holds each
@@ -88,6 +88,17 @@ class Algorithm(Protocol):
 
     rollout_source: str  # "student" (on-policy) or "teacher" (SFT on teacher samples)
     needs_teacher_logprobs: bool  # whether scoring asks the teacher for log pi_T of the sampled tokens
+    # Whether shape/loss read ScoredRollout.old_logprobs (pi_old of the sampled tokens). False: the trainer skips
+    # the separate no-grad student pass that computes them (unless ``needs_entropy`` asks for it), and
+    # ``old_logprobs`` is None. A sampler that reports them at the sampling temperature (vLLM) can supply them.
+    needs_old_logprobs: bool
+
+    def needs_entropy(self, step: int) -> bool:
+        """Whether ``shape`` at rollout step ``step`` needs pi_old's entropies for more than the ``entropy_mean``
+        metric (REOPOLD's entropy-based mask). When neither this nor ``needs_old_logprobs`` (or the sampler's own
+        log-probs) forces the scoring pass, it is skipped, ``ScoredRollout.entropy`` is None and the step logs no
+        ``entropy_mean`` from it."""
+        ...
 
     def shape(self, scored: ScoredRollout, *, step: int, gather: Gather) -> Shaped:
         """Once per rollout step, over the whole batch: keep masks, advantages and the step's metrics."""
@@ -110,10 +121,11 @@ def _token_metrics(scored: ScoredRollout, gather: Gather, all_entropy: torch.Ten
     """Diagnostics of the whole step's batch (every rank's share, through ``gather``); ``all_entropy``: the valid
     entropies of every rank when the caller has gathered them already."""
     mask = scored.rollout.completion_mask
-    if all_entropy is None:
+    if all_entropy is None and scored.entropy is not None:
         all_entropy = gather(scored.entropy[mask])
+    entropy = {} if all_entropy is None else {"entropy_mean": all_entropy.float().mean()}  # no pass, no entropy
     return {
-        "entropy_mean": all_entropy.float().mean(),
+        **entropy,
         "response_length": gather(mask.sum(-1).float()).mean(),
         "train_accuracy": gather(scored.sequence_rewards.float()).mean(),
     }
@@ -153,6 +165,7 @@ class Distillation:
 
     rollout_source = "student"
     needs_teacher_logprobs = True
+    needs_old_logprobs = True  # R = log pi_T - log pi_old, and the ratio's denominator
 
     def __init__(self, algo, switch_step: int):
         self.algo = algo
@@ -161,20 +174,25 @@ class Distillation:
         self.floor = core.reward_floor(algo.lam)
         self.per_update = algo.reward_policy == "current" or not self.switches["stop_gradient"]
 
+    def needs_entropy(self, step: int) -> bool:
+        """The refinement mask keeps the top-beta entropy tokens (Eq. 10); exploration's mask is 1[R >= floor]."""
+        return self.switches["entropy_selection"] and core.phase_at(step, self.switch_step) == "refinement"
+
     def _shaping(self, student_logprobs, micro: ScoredRollout, phase: str, threshold) -> core.Shaping:
         """``student_logprobs`` per unit (``micro.per_unit``): a token, or a span with another teacher tokenizer."""
         return core.distillation_shaping(
             student_logprobs, micro.teacher_logprobs, micro.per_unit(micro.entropy), micro.unit_mask(), phase=phase,
             lam=self.algo.lam, beta=self.algo.beta, threshold=threshold,
             stop_gradient=self.switches["stop_gradient"], reward_floor=self.switches["reward_floor"],
-            entropy_selection=self.switches["entropy_selection"],
+            entropy_selection=self.switches["entropy_selection"] and phase == "refinement",  # exploration: no H
         )  # fmt: skip
 
     def shape(self, scored: ScoredRollout, *, step: int, gather: Gather) -> Shaped:
         mask = scored.unit_mask()  # valid tokens; the span ends with another teacher tokenizer
         phase = core.phase_at(step, self.switch_step)
         threshold = None
-        all_entropy = gather(scored.per_unit(scored.entropy)[mask])  # of every rank: the threshold, the metrics
+        # Valid entropies of every rank: the threshold and the metrics (None when the scoring pass was skipped).
+        all_entropy = None if scored.entropy is None else gather(scored.per_unit(scored.entropy)[mask])
         if phase == "refinement" and self.switches["entropy_selection"]:
             threshold = core.entropy_threshold(all_entropy, torch.ones_like(all_entropy, dtype=torch.bool),
                                                beta=self.algo.beta)
@@ -229,10 +247,14 @@ class GRPO:
 
     rollout_source = "student"
     needs_teacher_logprobs = False
+    needs_old_logprobs = True  # the clipped ratio's denominator
 
     def __init__(self, algo, samples_per_prompt: int):
         self.algo = algo
         self.group_size = samples_per_prompt
+
+    def needs_entropy(self, step: int) -> bool:
+        return False
 
     def shape(self, scored: ScoredRollout, *, step: int, gather: Gather) -> Shaped:
         shaping = core.grpo_shaping(scored.sequence_rewards, scored.rollout.completion_mask,
@@ -256,9 +278,13 @@ class SFT:
 
     rollout_source = "teacher"
     needs_teacher_logprobs = False
+    needs_old_logprobs = False  # maximum likelihood: no ratio, no reward; the scoring pass is skipped
 
     def __init__(self, algo):
         self.algo = algo
+
+    def needs_entropy(self, step: int) -> bool:
+        return False
 
     def shape(self, scored: ScoredRollout, *, step: int, gather: Gather) -> Shaped:
         metrics = {"kept_frac": 1.0, **_token_metrics(scored, gather)}
@@ -278,11 +304,15 @@ class GKD:
 
     rollout_source = "student"
     needs_teacher_logprobs = False
+    needs_old_logprobs = False  # the loss reads the current full distributions only; the scoring pass is skipped
 
     def __init__(self, algo, vocab_size: int, temperature: float):
         self.algo = algo
         self.vocab_size = vocab_size
         self.temperature = temperature
+
+    def needs_entropy(self, step: int) -> bool:
+        return False  # entropy_mean comes from the update's own logits instead (see ``loss``)
 
     def shape(self, scored: ScoredRollout, *, step: int, gather: Gather) -> Shaped:
         return Shaped(keep=scored.rollout.completion_mask, metrics={"kept_frac": 1.0, **_token_metrics(scored, gather)})
@@ -293,9 +323,15 @@ class GKD:
     def loss(self, policy, teacher, micro: ScoredRollout, shaped: Shaped, num_tokens: torch.Tensor):
         student_logits = policy(micro.rollout, return_logits=True)[..., : self.vocab_size]
         teacher_logits = teacher.logits(micro.rollout, self.vocab_size)
-        return core.generalized_jsd_loss(student_logits, teacher_logits, shaped.keep, beta=self.algo.gkd_beta,
-                                         temperature=self.temperature, top_k=self.algo.gkd_top_k,
-                                         num_tokens=num_tokens)
+        loss, metrics = core.generalized_jsd_loss(student_logits, teacher_logits, shaped.keep,
+                                                  beta=self.algo.gkd_beta, temperature=self.temperature,
+                                                  top_k=self.algo.gkd_top_k, num_tokens=num_tokens)
+        with torch.no_grad():  # the student's entropy from the logits at hand (pi_old's at the step's first update)
+            log_p = torch.log_softmax(student_logits.detach().float() / self.temperature, dim=-1)
+            entropy = -(log_p.exp() * log_p).sum(-1)  # (B, T)
+            metrics["entropy_sum"] = entropy[shaped.keep].sum()
+            metrics["entropy_tokens"] = shaped.keep.sum()
+        return loss, metrics
 
 
 # Factories ``(config, vocab_size) -> Algorithm``, registered by name in reopold.registry.ALGORITHMS.

@@ -78,8 +78,6 @@ def train(config: TrainConfig, *, resume: str | None = None, engine: RolloutEngi
 
 
 def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, accelerator, engine) -> Path:
-    from reopold.evaluation.report import write_report
-
     set_threads(config, accelerator)
     source = StudentSource.of(config, checkpoint)
     task, prompts = build_prompts(config, accelerator)
@@ -112,6 +110,8 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, accelera
         if own_engine:
             engine.close()  # a vLLM engine left to interpreter exit can abort the process
         if config.run.report and accelerator.is_main_process:
+            from reopold.evaluation.report import write_report  # matplotlib: only when a report is written
+
             write_report(run_dir, title=f"{config.run_name}: {config.algo.name}")
     # Left to interpreter exit, gloo's threads sometimes abort the process. Only accelerate's own group: an
     # in-process vLLM engine passed in also initialises torch.distributed, and its owner closes it later.
@@ -387,9 +387,12 @@ def build_engine(config: TrainConfig, student, student_path: str, tokenizer, dev
             memory = {"gpu_memory_utilization": rollout.vllm_gpu_memory}
         else:  # CPU build: a fixed KV cache, and no torch.compile (minutes of start-up for no gain at this size)
             memory = {"kv_cache_memory_bytes": rollout.vllm_cpu_kv_cache_mb << 20, "enforce_eager": True}
+        # Sampled-token log-probs as pi_old only where they match the trainer's (float32: to 5e-7, docs/vllm.md).
+        exact = config.student.dtype == "float32" and config.run.mixed_precision == "no"
         engine = VLLMRolloutEngine.offline(resolve_model(student_path), tokenizer,
                                            max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
                                            device=device, dtype=config.student.dtype, skip_tokenizer_init=True,
-                                           seed=config.run.seed, **memory)
+                                           seed=config.run.seed, logprobs=rollout.engine_logprobs and exact,
+                                           **memory)
     engine.sync_weights(student)  # a resumed run's weights, not the ones on disk at student.model
     return engine

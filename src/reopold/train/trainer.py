@@ -1,7 +1,8 @@
 """The on-policy distillation loop. Each rollout step reads top to bottom:
 
     rollout  the student samples n answers per prompt (the teacher does, for SFT)
-    score    pi_old log-probs and entropies, teacher log-probs of the same tokens, the task's verdicts
+    score    pi_old log-probs and entropies (a no-grad student pass, skipped where the algorithm needs neither or
+             the sampler reported the log-probs), teacher log-probs of the same tokens, the task's verdicts
     shape    rewards, keep masks and the entropy threshold, fixed for the whole step (reopold.core)
     update   mini-batch policy-gradient steps, gradient accumulation over micro-batches
 
@@ -109,89 +110,153 @@ class Trainer:
         return rollout.to(self.accelerator.device)  # an engine may sample elsewhere (vLLM, a CPU copy)
 
     @torch.no_grad()
-    def score(self, rollout: Rollout) -> ScoredRollout:
+    def score(self, rollout: Rollout, step: int = 0) -> ScoredRollout:
         with self.accelerator.autocast():
-            return self._score(rollout)
+            return self._score(rollout, step)
 
-    def _score(self, rollout: Rollout) -> ScoredRollout:
-        parts = [self.policy(rollout.select(rows)) for rows in self._chunks(range(len(rollout)))]
-        width = rollout.completion_mask.shape[1]
-        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))
-        old_logprobs = torch.cat([pad(lp) for lp, _ in parts])  # (B, T)
-        entropy = torch.cat([pad(h) for _, h in parts])  # (B, T)
+    def _score(self, rollout: Rollout, step: int) -> ScoredRollout:
+        old_logprobs, entropy = self._old_pass(rollout, step)
         verdicts = [self.task.check(p, text) for p, text in zip(rollout.problems, rollout.texts, strict=True)]
         # A teacher with another tokenizer (or several teachers) also says how its tokens group with the student's.
         teacher = score_teacher(self.teacher, rollout) if self.algorithm.needs_teacher_logprobs else None
-        verdicts = torch.tensor(verdicts, dtype=torch.float32, device=old_logprobs.device)  # (B,)
+        verdicts = torch.tensor(verdicts, dtype=torch.float32, device=rollout.completion_mask.device)  # (B,)
         if teacher is None:
             return ScoredRollout(rollout, old_logprobs, entropy, verdicts)
         return ScoredRollout(rollout, old_logprobs, entropy, verdicts, teacher.logprobs, teacher.spans, teacher.names)
 
-    def update(self, scored: ScoredRollout, shaped: Shaped, step: int) -> dict:
-        """Policy updates over mini-batches of prompts; the loss of each is normalised by its global token count."""
-        self.student.train()  # dropout and activation checkpointing apply to updates only
+    def _old_pass(self, rollout: Rollout, step: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """pi_old's log-probs and entropies of the sampled tokens, from a no-grad student pass when the step needs
+        them: the algorithm's entropy-based mask, or its ratio/reward when the sampler did not report its own
+        sampled-token log-probs (a colocated vLLM engine does, at the sampling temperature). Otherwise the pass is
+        skipped: (the sampler's log-probs or None, None)."""
+        algorithm = self.algorithm
+        supplied = rollout.old_logprobs if algorithm.rollout_source == "student" else None
+        if not self._needs_pass(rollout, step) or self._reuses_update_forward(len(rollout)):
+            return (supplied if getattr(algorithm, "needs_old_logprobs", True) else None), None  # reused: train_step
+        parts = [self.policy(rollout.select(rows)) for rows in self._chunks(range(len(rollout)))]
+        width = rollout.completion_mask.shape[1]
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))
+        return torch.cat([pad(lp) for lp, _ in parts]), torch.cat([pad(h) for _, h in parts])  # (B, T) each
+
+    def _needs_pass(self, rollout: Rollout, step: int) -> bool:
+        """Whether the step needs pi_old's entropies, or its log-probs and the sampler did not report them."""
+        algorithm = self.algorithm
+        supplied = rollout.old_logprobs if algorithm.rollout_source == "student" else None
+        # An algorithm registered before these two members existed gets the pass at every step, as it did then.
+        needs_entropy = getattr(algorithm, "needs_entropy", lambda step: True)(step)
+        return needs_entropy or (getattr(algorithm, "needs_old_logprobs", True) and supplied is None)
+
+    def _reuses_update_forward(self, rows: int) -> bool:
+        """One update of one micro-batch per rollout (one epoch, every prompt, every row in one micro-batch) on a
+        student without dropout: that update's forward, before the weights change, is pi_old's, so its detached
+        log-probs and entropies stand in for the separate pass (``pi_old_from_update``)."""
+        optim, processes = self.config.optim, self.accelerator.num_processes
+        prompts = rows // self.config.rollout.samples_per_prompt
+        return (self.reuse_update_forward and optim.epochs == 1 and prompts <= optim.mini_batch_prompts // processes
+                and rows <= optim.micro_batch_size and not _has_dropout(self.student))  # fmt: skip
+
+    reuse_update_forward = True  # False: always the separate no-grad pass (tests compare the two)
+
+    def pi_old_from_update(self, scored: ScoredRollout, step: int) -> tuple[list[int], tuple]:
+        """The update's forward (train mode, with gradients) on its one micro-batch: fills ``scored``'s pi_old
+        log-probs and entropies with its detached outputs; returns the rows and the outputs for the update."""
+        rows = self._update_rows(len(scored.rollout), step)[0]
+        self.student.train()
         try:
-            return self._update(scored, shaped, step)
+            with self.accelerator.autocast():
+                logprobs, entropy = self.policy(scored.rollout.select(rows))
         finally:
             self.student.eval()
+        batch, width = scored.rollout.completion_mask.shape
+        index = torch.as_tensor(rows, device=logprobs.device)
+        fill = lambda t: torch.zeros(batch, width, dtype=t.dtype, device=t.device).index_copy_(
+            0, index, torch.nn.functional.pad(t.detach(), (0, width - t.shape[1])))  # fmt: skip
+        scored.old_logprobs, scored.entropy = fill(logprobs), fill(entropy)
+        return rows, (logprobs, entropy)
 
-    def _update(self, scored: ScoredRollout, shaped: Shaped, step: int) -> dict:
+    def _update_rows(self, rows: int, step: int) -> list[list[int]]:
+        """The rows of each update of the step, in order (epochs, then mini-batches of prompts)."""
         config, accelerator = self.config, self.accelerator
         n = config.rollout.samples_per_prompt
-        prompts = len(scored.rollout) // n
+        prompts = rows // n
         per_update = config.optim.mini_batch_prompts // accelerator.num_processes
         # The step seed without the rank: every rank orders its own prompts the same way.
         order_rng = torch.Generator().manual_seed(self._step_seed(step) - accelerator.process_index)
-        losses, norms, clip_fracs, skipped = [], [], [], False
+        updates = []
         for _ in range(config.optim.epochs):
             order = torch.randperm(prompts, generator=order_rng)
             for start in range(0, prompts, per_update):
-                rows = (order[start : start + per_update, None] * n + torch.arange(n)).flatten().tolist()
-                micro_batches = []
-                for micro_rows in self._chunks(rows):
-                    micro = scored.select(micro_rows)
-                    micro_batches.append((micro, shaped.select(micro_rows, micro.rollout.completion_mask.shape[1])))
+                updates.append((order[start : start + per_update, None] * n + torch.arange(n)).flatten().tolist())
+        return updates
+
+    def update(self, scored: ScoredRollout, shaped: Shaped, step: int, reused=None) -> dict:
+        """Policy updates over mini-batches of prompts; the loss of each is normalised by its global token count.
+        ``reused``: (rows, outputs) of ``pi_old_from_update``, the first micro-batch's forward already run."""
+        self.student.train()  # dropout and activation checkpointing apply to updates only
+        try:
+            return self._update(scored, shaped, step, reused)
+        finally:
+            self.student.eval()
+
+    def _update(self, scored: ScoredRollout, shaped: Shaped, step: int, reused=None) -> dict:
+        accelerator = self.accelerator
+        losses, norms, clip_fracs, skipped = [], [], [], False
+        entropy_sums = []  # (sum, count) of the student's entropy over kept tokens, from the losses that report it
+        for update_index, rows in enumerate(self._update_rows(len(scored.rollout), step)):
+            policy = self.policy
+            if reused is not None and update_index == 0 and reused[0] == rows:
+                policy = _ReusedForward(self.policy, *reused[1])
+            micro_batches = []
+            for micro_rows in self._chunks(rows):
+                micro = scored.select(micro_rows)
+                micro_batches.append((micro, shaped.select(micro_rows, micro.rollout.completion_mask.shape[1])))
+            with accelerator.autocast():
+                micro_batches = self.algorithm.prepare_update(policy, micro_batches)
+            kept = sum(part.keep.sum() for _, part in micro_batches)
+            num_tokens = accelerator.reduce(torch.as_tensor(kept, device=accelerator.device).float(), "sum")
+            # Detached sums, read once per update: no device sync per micro-batch.
+            total = torch.zeros((), device=accelerator.device)
+            clip = torch.zeros((), device=accelerator.device)
+            for i, (micro, micro_shaped) in enumerate(micro_batches):
                 with accelerator.autocast():
-                    micro_batches = self.algorithm.prepare_update(self.policy, micro_batches)
-                kept = sum(part.keep.sum() for _, part in micro_batches)
-                num_tokens = accelerator.reduce(torch.as_tensor(kept, device=accelerator.device).float(), "sum")
-                # Detached sums, read once per update: no device sync per micro-batch.
-                total = torch.zeros((), device=accelerator.device)
-                clip = torch.zeros((), device=accelerator.device)
-                for i, (micro, micro_shaped) in enumerate(micro_batches):
-                    with accelerator.autocast():
-                        loss, metrics = self.algorithm.loss(self.policy, self.teacher, micro, micro_shaped,
-                                                            num_tokens)
-                    if self.deepspeed:
-                        end_of_update(accelerator, i == len(micro_batches) - 1)
-                    # Losses are normalised by the global token count: undo DDP's (and DeepSpeed's) average over
-                    # ranks, and the division by accumulation steps that accelerate (or the engine) applies.
-                    accelerator.backward(loss * accelerator.num_processes * accelerator.gradient_accumulation_steps)
-                    total = total + loss.detach().float()
-                    clip = clip + metrics.get("clip_frac", torch.zeros(())).detach().float().to(clip.device)
-                grad_norm = self._clip_gradients()  # DeepSpeed: the norm of the step its engine just took
-                if accelerator.num_processes > 1:  # each rank holds its share of the globally normalised loss
-                    total = accelerator.reduce(total, "sum")
-                total = float(total)
-                if self.deepspeed and not (math.isfinite(total) and math.isfinite(grad_norm)):
-                    raise TrainingStopped(
-                        f"a NaN/inf loss or gradient at step {step + 1}: DeepSpeed applies the update inside "
-                        "backward, so it cannot be skipped, and the weights are no longer trusted (nothing was "
-                        f"saved). Lower optim.lr or check the teacher's scores, then resume from the last "
-                        f"checkpoint: reopold train --resume {self.run_dir}"
-                    )
-                if not (math.isfinite(total) and math.isfinite(grad_norm)):
-                    self.optimizer.zero_grad(set_to_none=True)  # skip this update, keep the weights
-                    skipped = True
-                    continue
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                losses.append(total)
-                norms.append(grad_norm)
-                clip_fracs.append(float(clip) / len(micro_batches))
+                    loss, metrics = self.algorithm.loss(policy, self.teacher, micro, micro_shaped, num_tokens)
+                if self.deepspeed:
+                    end_of_update(accelerator, i == len(micro_batches) - 1)
+                # Losses are normalised by the global token count: undo DDP's (and DeepSpeed's) average over
+                # ranks, and the division by accumulation steps that accelerate (or the engine) applies.
+                accelerator.backward(loss * accelerator.num_processes * accelerator.gradient_accumulation_steps)
+                total = total + loss.detach().float()
+                clip = clip + metrics.get("clip_frac", torch.zeros(())).detach().float().to(clip.device)
+                if "entropy_sum" in metrics:  # an algorithm without the scoring pass (gkd) reports its own
+                    entropy_sums.append(torch.stack([metrics["entropy_sum"].float(),
+                                                     metrics["entropy_tokens"].float()]))
+            grad_norm = self._clip_gradients()  # DeepSpeed: the norm of the step its engine just took
+            if accelerator.num_processes > 1:  # each rank holds its share of the globally normalised loss
+                total = accelerator.reduce(total, "sum")
+            total = float(total)
+            if self.deepspeed and not (math.isfinite(total) and math.isfinite(grad_norm)):
+                raise TrainingStopped(
+                    f"a NaN/inf loss or gradient at step {step + 1}: DeepSpeed applies the update inside "
+                    "backward, so it cannot be skipped, and the weights are no longer trusted (nothing was "
+                    f"saved). Lower optim.lr or check the teacher's scores, then resume from the last "
+                    f"checkpoint: reopold train --resume {self.run_dir}"
+                )
+            if not (math.isfinite(total) and math.isfinite(grad_norm)):
+                self.optimizer.zero_grad(set_to_none=True)  # skip this update, keep the weights
+                skipped = True
+                continue
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            losses.append(total)
+            norms.append(grad_norm)
+            clip_fracs.append(float(clip) / len(micro_batches))
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
-        return {"loss": mean(losses), "grad_norm": mean(norms), "clip_frac": mean(clip_fracs), "skipped": skipped}
+        record = {"loss": mean(losses), "grad_norm": mean(norms), "clip_frac": mean(clip_fracs), "skipped": skipped}
+        if entropy_sums:  # token-weighted over the step's updates and every rank
+            entropy_sum, tokens = accelerator.reduce(torch.stack(entropy_sums).sum(0), "sum").tolist()
+            record["entropy_mean"] = entropy_sum / max(tokens, 1.0)
+        return record
 
     # ---- the run ---------------------------------------------------------------------------------------------
     def fit(self) -> TrainState:
@@ -239,7 +304,7 @@ class Trainer:
         rollout = self.rollout(self._local(self.sampler.batch(step)))
         rollout_done = time.perf_counter()
         try:
-            scored, failure = self.score(rollout), None
+            scored, failure = self.score(rollout, step), None
         except TeacherUnavailable as err:
             scored, failure = None, err
         if not self._all_ranks(failure is None):  # every rank stops together, after one checkpoint
@@ -247,10 +312,13 @@ class Trainer:
             raise TrainingStopped(f"{failure or 'the teacher failed on another rank'} Stopped with a checkpoint "
                                   f"of step {state.step} in {self.run_dir}; resume with: "
                                   f"reopold train --resume {self.run_dir}")
+        reused = None
+        if self._needs_pass(rollout, step) and self._reuses_update_forward(len(rollout)):
+            reused = self.pi_old_from_update(scored, step)  # the pass skipped in score, from the update's forward
         score_done = time.perf_counter()
         shaped = self.algorithm.shape(scored, step=step, gather=self._gather)
         if self._all_ranks(scored.is_finite()):
-            update = self.update(scored, shaped, step)
+            update = self.update(scored, shaped, step, reused)
         else:  # NaN/inf log-probs (student or teacher): no update from this step
             update = {"loss": float("nan"), "grad_norm": float("nan"), "clip_frac": float("nan"), "skipped": True}
         self.engine.sync_weights(self.generator)  # the next rollout samples from the updated student
@@ -347,3 +415,25 @@ class Trainer:
         if "accuracy" in self.last_eval:
             postfix["acc"] = f"{self.last_eval['accuracy']:.3f}"
         return postfix
+
+
+def _has_dropout(model: torch.nn.Module) -> bool:
+    """Whether training-mode forwards are random (dropout modules, or a config's attention/hidden dropout)."""
+    config = getattr(model, "config", None)
+    rates = [getattr(config, key, 0.0) for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop",
+                                                   "attn_pdrop", "embd_pdrop", "hidden_dropout_prob")]  # fmt: skip
+    modules = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    return any(isinstance(r, (int, float)) and r > 0 for r in rates + modules)
+
+
+class _ReusedForward:
+    """Stands in for the policy on the micro-batch whose forward already ran (``Trainer.pi_old_from_update``):
+    returns that forward's log-probs (with their graph) instead of running it again. Logits (GKD) are recomputed."""
+
+    def __init__(self, policy, logprobs: torch.Tensor, entropy: torch.Tensor):
+        self.policy, self.logprobs, self.entropy = policy, logprobs, entropy
+
+    def __call__(self, rollout: Rollout, with_entropy: bool = True, return_logits: bool = False):
+        if return_logits:
+            return self.policy(rollout, return_logits=True)
+        return self.logprobs, (self.entropy if with_entropy else None)
