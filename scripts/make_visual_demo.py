@@ -16,12 +16,15 @@ temperature-1.0 exact-answer accuracy on held-out test problems at the end of ea
 from __future__ import annotations
 
 import argparse
-import math
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_teacher import lr_at  # noqa: E402  (the same schedule as the text models)
 
 from reopold.models.vision import build_processor, build_tiny_vlm, build_vlm_tokenizer, never_sampled_ids, save_vlm
 from reopold.tasks.visual import VisualAdditionTask, VisualProblem
@@ -77,14 +80,6 @@ def accuracy(model, processor, task: VisualAdditionTask, problems: list[VisualPr
         correct += sum(task.check(p, t) for p, t in zip(chunk, texts, strict=True))
     model.train()
     return correct / len(problems)
-
-
-def lr_at(step: int, *, peak: float, warmup: int, total: int, final_frac: float = 0.1) -> float:
-    """Linear warmup to ``peak``, then cosine decay to ``final_frac * peak`` at ``total``."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def train(role: str, args: argparse.Namespace, task: VisualAdditionTask) -> None:
