@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 PAD, IM_START, IM_END, UNK = "<pad>", "<|im_start|>", "<|im_end|>", "<unk>"
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
-SPECIAL_TOKENS = (PAD, IM_START, IM_END, UNK, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
+RESERVED_TOKENS = (PAD, IM_START, IM_END, UNK, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
 # Tokens a policy must never sample: the vision placeholders (an image pad in a completion breaks the next
 # forced pass: "Image features and image tokens do not match") and the structural specials.
 NEVER_SAMPLED = (PAD, IM_START, UNK, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
@@ -57,7 +57,7 @@ def build_vlm_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
     chars = list(dict.fromkeys(alphabet))
     if any(len(c) != 1 or c in "\n\t\r" for c in chars):
         raise ValueError(f"alphabet must be single printable characters, got {alphabet!r}")
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *chars])}
+    vocab = {tok: i for i, tok in enumerate([*RESERVED_TOKENS, *chars])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
     core.decoder = decoders.Fuse()

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
-SPECIAL_TOKENS = (PAD, EOS, UNK)
+RESERVED_TOKENS = (PAD, EOS, UNK)
 
 
 DIGITS = "0123456789"
@@ -43,7 +43,7 @@ def build_tokenizer(alphabet: str = "0123456789*+=;:", *, merges: tuple[str, ...
     merged = list(dict.fromkeys(merges))
     if any(len(m) < 2 or set(m) - set(chars) for m in merged):
         raise ValueError(f"merges must be strings of two or more characters of the alphabet, got {merged[:5]}")
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *chars, *merged])}
+    vocab = {tok: i for i, tok in enumerate([*RESERVED_TOKENS, *chars, *merged])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     pattern = "|".join([*(re.escape(m) for m in sorted(merged, key=len, reverse=True)), "."])
     core.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")  # one token per piece
