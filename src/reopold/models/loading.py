@@ -5,6 +5,7 @@ must pass before any expensive work (same vocabulary, EOS and pad set).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -214,10 +215,11 @@ def apply_lora(model, lora, checkpoint: str | Path | None = None, *, freeze_visi
     if checkpoint is not None:
         return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
     targets = lora.target_modules
+    has_vision = any(re.fullmatch(VISION_MODULES, name) for name, _ in model.named_modules())
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
-        exclude_modules=VISION_MODULES if freeze_vision else None,
+        exclude_modules=VISION_MODULES if freeze_vision and has_vision else None,  # text models: nothing to exclude
     )  # fmt: skip
     return get_peft_model(model, config)
 
