@@ -174,29 +174,3 @@ def test_no_reuse_with_dropout_or_several_micro_batches(tmp_path):
     assert trainer._reuses_update_forward(32)
     model.dropout = torch.nn.Dropout(0.1)
     assert not trainer._reuses_update_forward(32)  # training-mode forwards are random: not pi_old's
-
-
-def test_an_algorithm_without_the_new_members_keeps_the_pass(tmp_path):
-    """A plug-in written against the older Protocol (no needs_old_logprobs / needs_entropy) still gets pi_old."""
-    trainer, model, _, logger = fake_trainer(tmp_path, "rkl_sg", 2)
-
-    class Old:
-        rollout_source, needs_teacher_logprobs = "student", True
-
-        def __init__(self, inner):
-            self.inner = inner
-
-        def shape(self, scored, **kw):
-            assert scored.old_logprobs is not None and scored.entropy is not None
-            return self.inner.shape(scored, **kw)
-
-        def prepare_update(self, policy, micro_batches):
-            return self.inner.prepare_update(policy, micro_batches)
-
-        def loss(self, *args):
-            return self.inner.loss(*args)
-
-    trainer.algorithm = Old(trainer.algorithm)
-    calls = count_passes(model)
-    trainer.fit()
-    assert calls == [16] * 4 and all("entropy_mean" in r for r in logger.records if r["kind"] == "train")

@@ -132,7 +132,7 @@ class Trainer:
         algorithm = self.algorithm
         supplied = rollout.old_logprobs if algorithm.rollout_source == "student" else None
         if not self._needs_pass(rollout, step) or self._reuses_update_forward(len(rollout)):
-            return (supplied if getattr(algorithm, "needs_old_logprobs", True) else None), None  # reused: train_step
+            return (supplied if algorithm.needs_old_logprobs else None), None  # reused: train_step
         parts = [self.policy(rollout.select(rows)) for rows in self._chunks(range(len(rollout)))]
         width = rollout.completion_mask.shape[1]
         pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))
@@ -142,9 +142,7 @@ class Trainer:
         """Whether the step needs pi_old's entropies, or its log-probs and the sampler did not report them."""
         algorithm = self.algorithm
         supplied = rollout.old_logprobs if algorithm.rollout_source == "student" else None
-        # An algorithm registered before these two members existed gets the pass at every step, as it did then.
-        needs_entropy = getattr(algorithm, "needs_entropy", lambda step: True)(step)
-        return needs_entropy or (getattr(algorithm, "needs_old_logprobs", True) and supplied is None)
+        return algorithm.needs_entropy(step) or (algorithm.needs_old_logprobs and supplied is None)
 
     def _reuses_update_forward(self, rows: int) -> bool:
         """One update of one micro-batch per rollout (one epoch, every prompt, every row in one micro-batch) on a
