@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_teacher import accuracy, initial_model, model_parser, save_checkpoint, train_gold_sft  # noqa: E402
+from train_teacher import finish, initial_model, model_parser, train_gold_sft  # noqa: E402
 
 from reopold.tasks import ArithmeticTask, build_tokenizer  # noqa: E402
 
@@ -45,11 +45,7 @@ def main() -> None:
                    warmup=args.warmup, final_frac=args.final_frac, seed=1000 + args.seed, bf16=False,
                    eval_every=args.eval_every, eval_problems=task.problems("validation", args.eval_n),
                    log=lambda s: print(s, flush=True), paths=args.paths)
-    print(f"trained in {time.time() - t0:.0f}s", flush=True)
-    save_checkpoint(model, tokenizer, args.out, task)
-    test = task.problems("test", args.test_n)
-    print(f"test greedy acc {accuracy(model, tokenizer, task, test):.3f} on {len(test)}", flush=True)
-    print(f"test T=1.0 acc {accuracy(model, tokenizer, task, test, temperature=1.0):.3f} on {len(test)}", flush=True)
+    finish(model, tokenizer, task, args, started=t0)
 
 
 if __name__ == "__main__":

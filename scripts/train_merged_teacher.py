@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_teacher import accuracy, model_parser, save_checkpoint, train_gold_sft  # noqa: E402
+from train_teacher import finish, model_parser, save_checkpoint, train_gold_sft  # noqa: E402
 
 from reopold.models.loading import load_model  # noqa: E402
 from reopold.tasks import ArithmeticTask, build_tokenizer  # noqa: E402
@@ -47,7 +47,7 @@ def widen(model, old_tokenizer, new_tokenizer) -> None:
 def main() -> None:
     ap = model_parser(__doc__, out="src/reopold/assets/demo/teacher-merges", hidden=128, layers=4, steps=600,
                       lr=1e-3, warmup=50, final_frac=0.1, eval_every=200)
-    ap.add_argument("--init", default="demo-teacher", help="the char-level teacher to start from")
+    ap.set_defaults(init="demo-teacher")  # model_parser's --init: here the char-level teacher to start from
     ap.add_argument("--merges", choices=sorted(MERGES), default="digit-operators", help="the merged tokens")
     args = ap.parse_args()
 
@@ -63,11 +63,7 @@ def main() -> None:
                    eval_every=args.eval_every, eval_problems=task.problems("validation", args.eval_n),
                    log=lambda s: print(s, flush=True),
                    on_eval=lambda: save_checkpoint(model, tokenizer, args.out, task))
-    print(f"trained in {time.time() - t0:.0f}s", flush=True)
-    save_checkpoint(model, tokenizer, args.out, task)
-    test = task.problems("test", args.test_n)
-    print(f"test greedy acc {accuracy(model, tokenizer, task, test):.3f} on {len(test)}", flush=True)
-    print(f"test T=1.0 acc {accuracy(model, tokenizer, task, test, temperature=1.0):.3f} on {len(test)}", flush=True)
+    finish(model, tokenizer, task, args, started=t0)
 
 
 if __name__ == "__main__":

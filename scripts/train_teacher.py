@@ -201,6 +201,15 @@ def initial_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast, 
     return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
+def finish(model, tokenizer, task, args, *, started: float) -> None:
+    """Save the trained model to args.out and print its greedy and T=1 accuracy on args.test_n test problems."""
+    print(f"trained in {time.time() - started:.0f}s", flush=True)
+    save_checkpoint(model, tokenizer, args.out, task)
+    test = task.problems("test", args.test_n)
+    print(f"test greedy acc {accuracy(model, tokenizer, task, test):.3f} on {len(test)}", flush=True)
+    print(f"test T=1.0 acc {accuracy(model, tokenizer, task, test, temperature=1.0):.3f} on {len(test)}", flush=True)
+
+
 def main() -> None:
     ap = model_parser(__doc__, out="src/reopold/assets/demo/teacher", hidden=128, layers=4, steps=4000, lr=2e-3,
                       warmup=200, final_frac=0.1, eval_every=500)
@@ -220,11 +229,7 @@ def main() -> None:
                    eval_every=args.eval_every, eval_problems=task.problems("validation", args.eval_n),
                    log=lambda s: print(s, flush=True), paths=args.paths,
                    on_eval=lambda: save_checkpoint(model, tokenizer, args.out, task))
-    print(f"trained in {time.time() - t0:.0f}s", flush=True)
-    save_checkpoint(model, tokenizer, args.out, task)
-    test = task.problems("test", args.test_n)
-    print(f"test greedy acc {accuracy(model, tokenizer, task, test):.3f} on {len(test)}", flush=True)
-    print(f"test T=1.0 acc {accuracy(model, tokenizer, task, test, temperature=1.0):.3f} on {len(test)}", flush=True)
+    finish(model, tokenizer, task, args, started=t0)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 from reopold import core
 from reopold.rollout import Rollout, build_rollout
 from reopold.tasks.arithmetic import Problem
+from reopold.teacher import SpanScores
 
 V, PAD, EOS = 7, 0, 1
 
@@ -41,6 +42,9 @@ class BigramTeacher:
         self.policy = BigramPolicy(seed)
         with torch.no_grad():
             self.policy.table.mul_(sharpness)
+
+    def score(self, rollout: Rollout) -> SpanScores:
+        return SpanScores(self.logprobs(rollout), None)
 
     def logprobs(self, rollout: Rollout) -> torch.Tensor:
         with torch.no_grad():

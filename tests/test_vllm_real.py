@@ -284,8 +284,8 @@ def test_training_takes_pi_old_from_the_engine_and_skips_the_pass(tmp_path, monk
     ))  # fmt: skip
     old_pass, gaps = Trainer._old_pass, []
 
-    def checked(self, rollout, step):
-        old, entropy = old_pass(self, rollout, step)
+    def checked(self, rollout, pi_old):
+        old, entropy = old_pass(self, rollout, pi_old)
         assert entropy is None and old is rollout.old_logprobs  # the engine's, no pass
         with torch.no_grad():
             own, _ = self.policy(rollout)

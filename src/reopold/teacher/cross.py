@@ -19,7 +19,6 @@ sum(student - teacher) over the completion is the same sequence-level estimate a
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 
@@ -32,6 +31,7 @@ from reopold.core.spans import (
     teacher_span_sums,
 )
 from reopold.rollout.batch import Rollout, build_rollout
+from reopold.teacher import SpanScores
 
 EXACT, SPANS = "exact", "spans"  # the two modes of a teacher: same vocabulary, or span alignment
 # The teacher's log-prob of a student token it cannot write: one with no bytes (a <pad>, <unk> or other special
@@ -40,21 +40,6 @@ EXACT, SPANS = "exact", "spans"  # the two modes of a teacher: same vocabulary, 
 # span's reward: measured on the demo, the student learnt to fill its answers with them within 50 steps. -20 is
 # about what a trained teacher of the same vocabulary gives such a token; REOPOLD floors the span's reward anyway.
 UNWRITABLE_LOGPROB = -20.0
-
-
-class SpanScores(NamedTuple):
-    """A teacher's scores in the student's layout, and how its tokens were grouped with the student's."""
-
-    logprobs: torch.Tensor  # (B, T) span sums on the student's span ends (token log-probs when spans is None)
-    spans: SpanAlignment | None  # None: one tokenizer, every token its own span
-    names: list[str] | None = None  # (B,) the teacher that scored each row, when several teachers share a batch
-
-
-def score_teacher(teacher, rollout: Rollout) -> SpanScores:
-    """The scores of any Teacher: a teacher with a ``score`` method (cross-tokenizer, routed) gives its alignment;
-    a plain one gives token log-probs and no alignment."""
-    score = getattr(teacher, "score", None)
-    return score(rollout) if score is not None else SpanScores(teacher.logprobs(rollout), None)
 
 
 def same_vocabulary(student_tokenizer, teacher_tokenizer) -> bool:

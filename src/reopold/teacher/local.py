@@ -6,6 +6,7 @@ import torch
 
 from reopold.models.scorer import TokenScorer
 from reopold.rollout.batch import Rollout
+from reopold.teacher import SpanScores
 
 
 class LocalTeacher:
@@ -16,6 +17,10 @@ class LocalTeacher:
         self.micro_batch_size = micro_batch_size
 
     @torch.no_grad()
+    def score(self, rollout: Rollout) -> SpanScores:
+        """One tokenizer: the token log-probs, no span alignment."""
+        return SpanScores(self.logprobs(rollout), None)
+
     def logprobs(self, rollout: Rollout) -> torch.Tensor:
         device = next(self.scorer.parameters()).device
         parts = []

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from reopold.rollout.batch import Rollout
-from reopold.teacher import TeacherUnavailable
+from reopold.teacher import SpanScores, TeacherUnavailable
 
 # Digits, operators, spaces, accents, CJK, an emoji, a tab and a newline: the places where tokenizers of one
 # family drift apart (normalisation, byte fallback, whitespace handling).
@@ -52,6 +52,10 @@ class RemoteTeacher:
         self.batch_size = batch_size
         self.api_key = api_key
         self.sleep = sleep
+
+    def score(self, rollout: Rollout) -> SpanScores:
+        """One tokenizer: the token log-probs, no span alignment."""
+        return SpanScores(self.logprobs(rollout), None)
 
     def logprobs(self, rollout: Rollout) -> torch.Tensor:
         """(B, T) float32: log pi_T of each response token given its prompt and the response before it.

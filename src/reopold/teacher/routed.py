@@ -9,7 +9,8 @@ import torch
 
 from reopold.registry import nearest
 from reopold.rollout.batch import Rollout
-from reopold.teacher.cross import SpanScores, identity_alignment, score_teacher, stack_alignments
+from reopold.teacher import SpanScores
+from reopold.teacher.cross import identity_alignment, stack_alignments
 
 
 class RoutedTeacher:
@@ -42,7 +43,7 @@ class RoutedTeacher:
             if not rows:
                 continue
             sub = rollout.select(rows)
-            scores = score_teacher(teacher, sub)
+            scores = teacher.score(sub)
             out[rows, : scores.logprobs.shape[1]] = scores.logprobs.float().to(out.device)
             parts.append((rows, scores.spans if scores.spans is not None else identity_alignment(sub.completion_mask)))
             any_spans = any_spans or scores.spans is not None

@@ -24,7 +24,6 @@ from reopold.teacher.cross import (
     check_token_bytes,
     probe_text,
     same_vocabulary,
-    score_teacher,
     token_bytes,
 )
 from reopold.teacher.local import LocalTeacher
@@ -179,7 +178,7 @@ def report_spans(teacher, plans: list[TeacherPlan], model, tokenizer, encode, pr
         engine = HFRolloutEngine(model, tokenizer, max_new_tokens=config.rollout.max_new_tokens,
                                  temperature=config.rollout.temperature)
         rollout = engine.generate([encode(p.prompt) for p in problems], problems).to(accelerator.device)
-    scores = score_teacher(teacher, rollout)
+    scores = teacher.score(rollout)
     if scores.spans is None:  # no probe prompt went to a teacher of another tokenizer
         return None
     metrics = {key: float(value) for key, value in span_metrics(scores.spans).items()}

@@ -27,7 +27,6 @@ from reopold.rollout import Rollout
 from reopold.rollout.batch import RolloutEngine
 from reopold.tasks import Task
 from reopold.teacher import Teacher
-from reopold.teacher.cross import score_teacher
 from reopold.train.algorithms import Algorithm, ScoredRollout, Shaped
 from reopold.train.checkpoint import save_checkpoint
 from reopold.train.distributed import (
@@ -110,39 +109,41 @@ class Trainer:
         return rollout.to(self.accelerator.device)  # an engine may sample elsewhere (vLLM, a CPU copy)
 
     @torch.no_grad()
-    def score(self, rollout: Rollout, step: int = 0) -> ScoredRollout:
+    def score(self, rollout: Rollout, pi_old: str = "pass") -> ScoredRollout:
+        """pi_old's log-probs and entropies (``pi_old``: see ``_pi_old_source``), the teacher's log-probs of the same
+        tokens and the task's verdicts."""
         with self.accelerator.autocast():
-            return self._score(rollout, step)
-
-    def _score(self, rollout: Rollout, step: int) -> ScoredRollout:
-        old_logprobs, entropy = self._old_pass(rollout, step)
+            old_logprobs, entropy = self._old_pass(rollout, pi_old)
         verdicts = [self.task.check(p, text) for p, text in zip(rollout.problems, rollout.texts, strict=True)]
         # A teacher with another tokenizer (or several teachers) also says how its tokens group with the student's.
-        teacher = score_teacher(self.teacher, rollout) if self.algorithm.needs_teacher_logprobs else None
+        with self.accelerator.autocast():
+            teacher = self.teacher.score(rollout) if self.algorithm.needs_teacher_logprobs else None
         verdicts = torch.tensor(verdicts, dtype=torch.float32, device=rollout.completion_mask.device)  # (B,)
         if teacher is None:
             return ScoredRollout(rollout, old_logprobs, entropy, verdicts)
         return ScoredRollout(rollout, old_logprobs, entropy, verdicts, teacher.logprobs, teacher.spans, teacher.names)
 
-    def _old_pass(self, rollout: Rollout, step: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """pi_old's log-probs and entropies of the sampled tokens, from a no-grad student pass when the step needs
-        them: the algorithm's entropy-based mask, or its ratio/reward when the sampler did not report its own
-        sampled-token log-probs (a colocated vLLM engine does, at the sampling temperature). Otherwise the pass is
-        skipped: (the sampler's log-probs or None, None)."""
+    def _pi_old_source(self, rollout: Rollout, step: int) -> str:
+        """Where this step's pi_old log-probs and entropies come from, decided once per step: "pass" (a separate
+        no-grad student pass), "update" (the update's own forward: ``pi_old_from_update``) or "none" (neither is
+        needed, or the sampler reported its sampled-token log-probs at the sampling temperature, as a colocated vLLM
+        engine does, and no entropies are needed)."""
         algorithm = self.algorithm
         supplied = rollout.old_logprobs if algorithm.rollout_source == "student" else None
-        if not self._needs_pass(rollout, step) or self._reuses_update_forward(len(rollout)):
-            return (supplied if algorithm.needs_old_logprobs else None), None  # reused: train_step
+        if not (algorithm.needs_entropy(step) or (algorithm.needs_old_logprobs and supplied is None)):
+            return "none"
+        return "update" if self._reuses_update_forward(len(rollout)) else "pass"
+
+    def _old_pass(self, rollout: Rollout, pi_old: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(old_logprobs, entropy) of the sampled tokens: from a no-grad student pass when ``pi_old`` is "pass";
+        otherwise (the sampler's log-probs or None, None), filled later by the update's forward for "update"."""
+        if pi_old != "pass":
+            supplied = rollout.old_logprobs if self.algorithm.rollout_source == "student" else None
+            return (supplied if self.algorithm.needs_old_logprobs else None), None
         parts = [self.policy(rollout.select(rows)) for rows in self._chunks(range(len(rollout)))]
         width = rollout.completion_mask.shape[1]
         pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))
         return torch.cat([pad(lp) for lp, _ in parts]), torch.cat([pad(h) for _, h in parts])  # (B, T) each
-
-    def _needs_pass(self, rollout: Rollout, step: int) -> bool:
-        """Whether the step needs pi_old's entropies, or its log-probs and the sampler did not report them."""
-        algorithm = self.algorithm
-        supplied = rollout.old_logprobs if algorithm.rollout_source == "student" else None
-        return algorithm.needs_entropy(step) or (algorithm.needs_old_logprobs and supplied is None)
 
     def _reuses_update_forward(self, rows: int) -> bool:
         """One update of one micro-batch per rollout (one epoch, every prompt, every row in one micro-batch) on a
@@ -301,8 +302,9 @@ class Trainer:
         torch.manual_seed(self._step_seed(step))
         rollout = self.rollout(self._local(self.sampler.batch(step)))
         rollout_done = time.perf_counter()
+        pi_old = self._pi_old_source(rollout, step)
         try:
-            scored, failure = self.score(rollout, step), None
+            scored, failure = self.score(rollout, pi_old), None
         except TeacherUnavailable as err:
             scored, failure = None, err
         if not self._all_ranks(failure is None):  # every rank stops together, after one checkpoint
@@ -310,9 +312,8 @@ class Trainer:
             raise TrainingStopped(f"{failure or 'the teacher failed on another rank'} Stopped with a checkpoint "
                                   f"of step {state.step} in {self.run_dir}; resume with: "
                                   f"reopold train --resume {self.run_dir}")
-        reused = None
-        if self._needs_pass(rollout, step) and self._reuses_update_forward(len(rollout)):
-            reused = self.pi_old_from_update(scored, step)  # the pass skipped in score, from the update's forward
+        # The pass skipped in score, from the update's forward.
+        reused = self.pi_old_from_update(scored, step) if pi_old == "update" else None
         score_done = time.perf_counter()
         shaped = self.algorithm.shape(scored, step=step, gather=self._gather)
         if self._all_ranks(scored.is_finite()):
