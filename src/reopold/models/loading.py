@@ -180,22 +180,6 @@ def _is_load_error(err: Exception) -> bool:
     return isinstance(err, (OSError, EOFError, pickle.UnpicklingError)) or type(err).__name__ == "SafetensorError"
 
 
-def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_name: str, teacher_name: str) -> None:
-    """Teacher log-probs are looked up by the student's token ids, so both must mean the same thing by each id."""
-    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-    if student_vocab == teacher_vocab:
-        return
-    only_student = sorted(set(student_vocab) - set(teacher_vocab))[:5]
-    only_teacher = sorted(set(teacher_vocab) - set(student_vocab))[:5]
-    moved = sorted(t for t in set(student_vocab) & set(teacher_vocab) if student_vocab[t] != teacher_vocab[t])[:5]
-    raise ValueError(
-        f"student {student_name!r} ({len(student_vocab)} tokens) and teacher {teacher_name!r} ({len(teacher_vocab)} "
-        f"tokens) have different vocabularies: only in the student {only_student}, only in the teacher "
-        f"{only_teacher}, different ids for {moved}. Use a teacher and student from the same model family "
-        "(cross-tokenizer distillation is not supported yet)."
-    )
-
-
 def check_output_size(model, tokenizer, name: str) -> None:
     """The model must produce a logit for every token id of the tokenizer (padded embeddings are fine)."""
     size = model.get_output_embeddings().weight.shape[0]

@@ -207,12 +207,13 @@ def check_teacher_sees_images(teacher, teacher_lm, tokenizer, problems, encode, 
 
 
 
-def teacher_api_key(config: TrainConfig) -> str | None:
-    name = config.teacher.api_key_env
+def teacher_api_key(spec, key: str = "teacher") -> str | None:
+    """The served teacher's bearer key from the environment variable ``spec.api_key_env`` names (None: no key)."""
+    name = spec.api_key_env
     if name is None:
         return None
     if not os.environ.get(name):
-        raise ValueError(f"teacher.api_key_env names ${name}, which is not set; export it with the server's key")
+        raise ValueError(f"{key}.api_key_env names ${name}, which is not set; export it with the server's key")
     return os.environ[name]
 
 

@@ -4,7 +4,6 @@ scores with (one, or several routed by a key of each prompt). docs/cross_tokeniz
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +29,7 @@ from reopold.teacher.local import LocalTeacher
 from reopold.teacher.remote import RemoteTeacher
 from reopold.teacher.routed import RoutedTeacher, check_routes
 from reopold.train.distributed import whole_models
-from reopold.train.preflight import check_teacher_sees_images, preflight_teacher
+from reopold.train.preflight import check_teacher_sees_images, preflight_teacher, teacher_api_key
 
 SINGLE = "teacher"  # the name of the one teacher of a run without a teachers list
 
@@ -102,12 +101,7 @@ def _check_spans(config: TrainConfig, key: str, student_tokenizer, teacher_token
 
 
 def _remote(spec: TeacherConfig) -> RemoteTeacher:
-    api_key = None
-    if spec.api_key_env is not None:
-        if not os.environ.get(spec.api_key_env):
-            raise ValueError(f"api_key_env names ${spec.api_key_env}, which is not set; export it with the server's "
-                             "key")
-        api_key = os.environ[spec.api_key_env]
+    api_key = teacher_api_key(spec)
     return RemoteTeacher(spec.url, spec.model, timeout=spec.timeout, retries=spec.retries, backoff=spec.backoff,
                          batch_size=spec.micro_batch_size, api_key=api_key)
 
