@@ -155,6 +155,13 @@ class RolloutConfig:
     engine_logprobs: bool = option(True, "with a colocated vLLM engine and a float32 student without autocast: take "
                                    "pi_old from vLLM's sampled-token log-probs and skip the trainer's scoring pass "
                                    "where no entropies are needed (see docs/vllm.md)")
+    max_turns: int = option(1, "assistant turns per episode, for a task with an environment (tool use, docs/tools.md); "
+                            "the paper's agentic recipe allows 2 tool rounds, so 3 turns; rollout.max_new_tokens "
+                            "then bounds each turn")
+    max_episode_tokens: int = option(0, "with a task with an environment: end an episode once its response (turns and "
+                                     "observations) holds this many tokens; 0 = no cap")
+    step_timeout: float = option(60.0, "with a task with an environment: seconds one environment step (its tool calls) "
+                                 "may take before the episode is stopped and counted in env_error_frac")
 
 
 @dataclass
@@ -212,6 +219,8 @@ class TrainConfig:
             "rollout.samples_per_prompt": self.rollout.samples_per_prompt,
             "rollout.max_new_tokens": self.rollout.max_new_tokens,
             "rollout.vllm_cpu_kv_cache_mb": self.rollout.vllm_cpu_kv_cache_mb,
+            "rollout.max_turns": self.rollout.max_turns,
+            "rollout.step_timeout": self.rollout.step_timeout,
             "optim.mini_batch_prompts": self.optim.mini_batch_prompts,
             "optim.micro_batch_size": self.optim.micro_batch_size,
             "optim.epochs": self.optim.epochs,
@@ -246,6 +255,8 @@ class TrainConfig:
             raise ConfigError(f"data.max_prompt_tokens must be > 0 or None; got {self.data.max_prompt_tokens}")
         if self.algo.switch_step is not None and self.algo.switch_step < 0:
             raise ConfigError(f"algo.switch_step must be >= 0 or None; got {self.algo.switch_step}")
+        if self.rollout.max_episode_tokens < 0:
+            raise ConfigError(f"rollout.max_episode_tokens must be >= 0 (0: no cap); got {self.rollout.max_episode_tokens}")
         if self.run.eval_every < 0:
             raise ConfigError(f"run.eval_every must be >= 0; got {self.run.eval_every}")
         self._check_numbers()

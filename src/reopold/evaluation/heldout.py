@@ -40,15 +40,18 @@ def sample_and_grade(
     temperature: float = 1.0,
     greedy: bool = False,
     batch_size: int = 256,
+    episodes=None,
 ) -> list[GradedSample]:
     """``num_samples`` answers per problem (greedy, or sampled at ``temperature`` with top-k/top-p off), each
     graded by ``checker``; problem-major order, a problem's samples consecutive in draw order.
 
     ``batch_size`` bounds the sequences per ``generate`` call (at least one problem's ``num_samples``). Sampling uses
-    the global torch RNG: seed it (or fork it) around the call for reproducible samples.
+    the global torch RNG: seed it (or fork it) around the call for reproducible samples. ``episodes``: an
+    EpisodeSetup (a task with an environment): each answer is an episode, graded on its last turn.
     """
     engine = HFRolloutEngine(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
                              do_sample=not greedy, **vision_options(encode))
+    engine = engine if episodes is None else episodes.wrap(engine, tokenizer)
     per_call = max(1, batch_size // num_samples)
     graded = []
     for start in range(0, len(problems), per_call):
@@ -77,6 +80,7 @@ def evaluate(
     kl_problems: int = 256,
     seed: int = 0,
     scorer=None,
+    episodes=None,
 ) -> dict[str, float]:
     """Metrics of ``model`` on ``problems``.
 
@@ -90,7 +94,7 @@ def evaluate(
     needs).
     """
     graded = sample_and_grade(model, tokenizer, problems, encode, TaskChecker(task), max_new_tokens=max_new_tokens,
-                              greedy=True, batch_size=batch_size)
+                              greedy=True, batch_size=batch_size, episodes=episodes)
     answered = max(len(graded), 1)
     metrics = {
         "accuracy": sum(g.correct for g in graded) / answered,
@@ -101,6 +105,7 @@ def evaluate(
 
     sampler = HFRolloutEngine(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
                               **vision_options(encode))
+    sampler = sampler if episodes is None else episodes.wrap(sampler, tokenizer)
     scorer = scorer if scorer is not None else TokenScorer(model, temperature=temperature)
     devices = [next(model.parameters()).device] if next(model.parameters()).is_cuda else []
     kl_sum, count = 0.0, 0

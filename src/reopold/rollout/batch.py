@@ -66,6 +66,10 @@ class Rollout:
     texts: list[str] = field(default_factory=list)  # (B,) decoded responses, special tokens removed
     old_logprobs: torch.Tensor | None = None  # (B, T) the sampler's log-prob of each response token, if it reports it
     images: ImageInputs | None = None  # image prompts: the images of every row (None: text only)
+    # Multi-turn episodes (reopold.rollout.episodes): completion_mask is then 1 only on the student's own tokens and
+    # attention_mask also covers the observations between its turns.
+    rewards: torch.Tensor | None = None  # (B,) the environment's task reward of each episode, when it grades them
+    episode_stats: dict = field(default_factory=dict)  # the batch's episode metrics (turns, tool calls, errors)
 
     @property
     def completion_ids(self) -> torch.Tensor:
@@ -81,10 +85,11 @@ class Rollout:
         return self.input_ids.shape[0]
 
     def select(self, rows: list[int] | torch.Tensor) -> Rollout:
-        """The sub-batch of the given rows, trimmed to its longest response."""
+        """The sub-batch of the given rows, trimmed to its longest response (observations included)."""
         index = torch.as_tensor(rows, dtype=torch.long)
         mask = self.completion_mask[index]
-        width = int(mask.sum(-1).max().item()) if len(index) else 0
+        real = self.attention_mask[index.to(self.attention_mask.device), self.prompt_length :].bool().cpu()  # (b, T)
+        width = int((real * torch.arange(1, real.shape[1] + 1)).max()) if real.numel() else 0  # last real token + 1
         end = self.prompt_length + max(width, 1)
         return replace(
             self,
@@ -95,6 +100,7 @@ class Rollout:
             texts=[self.texts[i] for i in index.tolist()] if self.texts else [],
             old_logprobs=None if self.old_logprobs is None else self.old_logprobs[index, : max(width, 1)],
             images=None if self.images is None else self.images.select(index),
+            rewards=None if self.rewards is None else self.rewards[index.to(self.rewards.device)],
         )
 
     def to(self, device: torch.device | str) -> Rollout:
@@ -105,6 +111,7 @@ class Rollout:
             completion_mask=self.completion_mask.to(device),
             old_logprobs=None if self.old_logprobs is None else self.old_logprobs.to(device),
             images=None if self.images is None else self.images.to(device),
+            rewards=None if self.rewards is None else self.rewards.to(device),
         )
 
 

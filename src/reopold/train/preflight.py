@@ -161,10 +161,12 @@ def resume_config(run_dir: Path, overrides: list[str]) -> TrainConfig:
     return load_config(TrainConfig, run_dir / CONFIG_FILE, overrides)
 
 
-def preflight_teacher(teacher_lm, tokenizer, task, problems, encode, max_new_tokens: int) -> float:
-    """The teacher's greedy accuracy on a few training problems; 0 means the checker or the data is wrong."""
+def preflight_teacher(teacher_lm, tokenizer, task, problems, encode, max_new_tokens: int, episodes=None) -> float:
+    """The teacher's greedy accuracy on a few training problems (in episodes, for a task with an environment);
+    0 means the checker, the data or the environment is wrong."""
     engine = HFRolloutEngine(teacher_lm, tokenizer, max_new_tokens=max_new_tokens, do_sample=False,
                              **vision_options(encode))
+    engine = engine if episodes is None else episodes.wrap(engine, tokenizer)
     rollout = engine.generate([encode(p.prompt) for p in problems], problems)
     accuracy = sum(task.check(p, t) for p, t in zip(problems, rollout.texts, strict=True)) / len(problems)
     if accuracy == 0:

@@ -84,10 +84,11 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, accelera
     tokenizer, plans = check_models(config, source, accelerator)
     check_teacher_routes(config, prompts.sampler.problems + prompts.eval_problems)
     encode = build_encoder(config, tokenizer, prompts)
+    episodes = build_run_episodes(config, task, tokenizer, encode)
     torch.manual_seed(config.run.seed)
     model = build_student_model(config, source, tokenizer, accelerator)
     teacher, teacher_engine = build_teachers(config, plans, tokenizer, task, prompts.sampler.problems, accelerator,
-                                             preflight=checkpoint is None, student_encode=encode)
+                                             preflight=checkpoint is None, student_encode=encode, episodes=episodes)
     if accelerator.is_main_process:  # each teacher's mode, once every pre-flight check has passed
         print("\n".join(describe(plan, tokenizer) for plan in plans), file=sys.stderr)
     if checkpoint is None and accelerator.is_main_process:  # the share of tokens in multi-token spans
@@ -98,7 +99,8 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, accelera
     own_engine = engine is None  # an engine passed in is closed by its owner
     if own_engine:
         engine = build_engine(config, student.generator, source.path, tokenizer, accelerator.device, encode=encode)
-    backends = Backends(engine=engine, teacher=teacher, task=task, teacher_engine=teacher_engine)
+        engine = engine if episodes is None else episodes.wrap(engine, tokenizer)
+    backends = Backends(engine=engine, teacher=teacher, task=task, teacher_engine=teacher_engine, episodes=episodes)
     trainer = Trainer(config, run_dir, accelerator=accelerator, student=student, backends=backends, prompts=prompts,
                       optimization=optimization, algorithm=build_algorithm(config, len(tokenizer)), logger=logger)
     trainer.state = state
@@ -264,6 +266,21 @@ def build_encoder(config: TrainConfig, tokenizer, prompts: Prompts):
             raise ValueError(f"no image prompt fits data.max_prompt_tokens={config.data.max_prompt_tokens}")
         prompts.sampler.problems, prompts.eval_problems = train_kept, eval_kept
     return encode
+
+
+def build_run_episodes(config: TrainConfig, task: Task, tokenizer, encode):
+    """The run's EpisodeSetup for a task with an environment (tool use, docs/tools.md), else None; a chat template
+    that rewrites earlier turns is refused here, before any model loads."""
+    from reopold.rollout.episodes import build_episodes
+
+    rollout = config.rollout
+    episodes = build_episodes(task, tokenizer, chat_template=bool(getattr(encode, "use_template", False)),
+                              max_turns=rollout.max_turns, max_episode_tokens=rollout.max_episode_tokens,
+                              step_timeout=rollout.step_timeout)
+    if episodes is not None and getattr(encode, "multimodal", False):
+        raise ConfigError("multi-turn episodes (a task with an environment) run on text prompts only for now; image "
+                          "prompts and image observations are not supported in episodes yet (docs/tools.md)")
+    return episodes
 
 
 def check_vision_pair(student: str, teacher: str, *, served: bool = False) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from reopold.config.loader import ConfigError
 from reopold.config.schema import TeacherConfig, TrainConfig
 from reopold.models.loading import check_output_size, load_model, load_tokenizer
 from reopold.rollout import HFRolloutEngine
@@ -122,11 +123,13 @@ def check_teacher_routes(config: TrainConfig, problems: list) -> None:
 
 
 def build_teachers(config: TrainConfig, plans: list[TeacherPlan], student_tokenizer, task, problems: list,
-                   accelerator, *, preflight: bool, student_encode=None):
+                   accelerator, *, preflight: bool, student_encode=None, episodes=None):
     """(the Teacher to score with, the teacher's sampler for SFT or None). Local teachers load here and answer a
     few of their prompts greedily first (``preflight_teacher``); with image prompts a teacher must first show that
     it sees the images (``check_teacher_sees_images``). A teacher with the student's vocabulary reads the prompts as
-    the student does (``student_encode``: the image-rendering encoder for image prompts)."""
+    the student does (``student_encode``: the image-rendering encoder for image prompts). ``episodes``: a task with
+    an environment (reopold.rollout.episodes): the teacher answers in episodes too, and must share the student's
+    tokenizer."""
     route = route_of(config)
     built, engine = {}, None
     for plan in plans:
@@ -134,6 +137,9 @@ def build_teachers(config: TrainConfig, plans: list[TeacherPlan], student_tokeni
         encode = PromptEncoder(plan.tokenizer, config.data.chat_template)
         if plan.mode == EXACT and student_encode is not None:
             encode = student_encode
+        if episodes is not None and plan.mode != EXACT:
+            raise ConfigError(f"teacher {plan.name!r} has another tokenizer than the student: multi-turn episodes "
+                              f"(a task with an environment) need a teacher of the student's vocabulary")
         if plan.remote is not None:
             inner = plan.remote
         else:
@@ -146,10 +152,12 @@ def build_teachers(config: TrainConfig, plans: list[TeacherPlan], student_tokeni
             if preflight and probe and getattr(encode, "multimodal", False):  # a teacher that cannot see stops here
                 check_teacher_sees_images(inner, lm, plan.tokenizer, probe[:8], encode, config.rollout.max_new_tokens)
             if preflight and probe and all(p.answer is not None for p in probe):
-                preflight_teacher(lm, plan.tokenizer, task, probe, encode, config.rollout.max_new_tokens)
+                preflight_teacher(lm, plan.tokenizer, task, probe, encode, config.rollout.max_new_tokens,
+                                  episodes=episodes)
             if plan.mode == EXACT and not config.teachers:
                 engine = HFRolloutEngine(lm, student_tokenizer, max_new_tokens=config.rollout.max_new_tokens,
                                          temperature=config.rollout.temperature, **vision_options(encode))
+                engine = engine if episodes is None else episodes.wrap(engine, student_tokenizer)
         built[plan.name] = inner if plan.mode == EXACT else CrossTokenizerTeacher(inner, plan.tokenizer,
                                                                                    student_tokenizer, encode)
     if not config.teachers:

@@ -67,6 +67,7 @@ class Backends:
     teacher: Teacher
     task: Task
     teacher_engine: RolloutEngine | None = None  # the teacher's sampler (SFT on teacher samples)
+    episodes: Any = None  # EpisodeSetup of a task with an environment: evaluation runs episodes too
 
 
 @dataclass
@@ -93,7 +94,7 @@ class Trainer:
         self.sharded = sharding(accelerator) is not None
         self.deepspeed = deepspeed_stage(accelerator) is not None  # the engine steps inside backward
         self.engine, self.teacher, self.task = backends.engine, backends.teacher, backends.task
-        self.teacher_engine = backends.teacher_engine
+        self.teacher_engine, self.episodes = backends.teacher_engine, backends.episodes
         self.sampler, self.eval_problems = prompts.sampler, prompts.eval_problems
         self.optimizer, self.scheduler = optimization.optimizer, optimization.scheduler
         self.algorithm = algorithm
@@ -119,6 +120,8 @@ class Trainer:
         with self.accelerator.autocast():
             teacher = self.teacher.score(rollout) if self.algorithm.needs_teacher_logprobs else None
         verdicts = torch.tensor(verdicts, dtype=torch.float32, device=rollout.completion_mask.device)  # (B,)
+        if rollout.rewards is not None:  # an environment that grades its episodes: its reward is the outcome
+            verdicts = rollout.rewards.to(verdicts)
         if teacher is None:
             return ScoredRollout(rollout, old_logprobs, entropy, verdicts)
         return ScoredRollout(rollout, old_logprobs, entropy, verdicts, teacher.logprobs, teacher.spans, teacher.names)
@@ -330,7 +333,7 @@ class Trainer:
         state.bad_in_a_row = state.bad_in_a_row + 1 if update["skipped"] else 0
         return {
             "kind": "train", "step": state.step, "samples": state.samples, "time": state.elapsed,
-            "lr": self.scheduler.get_last_lr()[0], **shaped.metrics, **update,
+            "lr": self.scheduler.get_last_lr()[0], **shaped.metrics, **update, **rollout.episode_stats,
             "skipped_steps": state.skipped_steps, "rollout_seconds": rollout_done - started,
             "score_seconds": score_done - rollout_done, "update_seconds": finished - score_done,
         }  # fmt: skip
@@ -344,7 +347,8 @@ class Trainer:
         metrics = evaluate(self.generator, self.tokenizer, self.task, self.eval_problems, self.encode,
                            teacher=self.teacher, max_new_tokens=self.config.rollout.max_new_tokens,
                            temperature=self.config.rollout.temperature, kl_problems=min(256, data.eval_problems),
-                           seed=self.config.run.seed, scorer=self.policy if self.sharded else None)
+                           seed=self.config.run.seed, scorer=self.policy if self.sharded else None,
+                           episodes=self.episodes)
         if not self.accelerator.is_main_process:
             return metrics
         self.last_eval = metrics

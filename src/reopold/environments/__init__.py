@@ -1,0 +1,57 @@
+"""Environments for multi-turn rollouts: what the student talks to between its turns (docs/tools.md).
+
+An episode starts from a problem (``reset``: the first messages) and alternates assistant turns with observations
+(``step``: the messages to append after a turn, and whether the episode is over). ``reopold.environments.tools``
+turns plain typed Python functions into such an environment (the tool-call adapter); the multi-turn engine that
+runs episodes in batches is ``reopold.rollout.episodes``.
+
+A message is a dict as chat templates take it: ``{"role": "user" | "tool" | ..., "content": str}`` (a tool
+message may also carry ``"name"``). Observations are text; image observations are not supported yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+Message = dict  # {"role": ..., "content": ...}
+
+
+@dataclass
+class Observation:
+    """What the environment answers to one assistant turn."""
+
+    messages: list[Message] = field(default_factory=list)  # appended after the turn (tool results, user replies)
+    done: bool = False  # the episode is over: no further assistant turn
+    reward: float | None = None  # the episode's task reward, when the environment grades it (read when done)
+    tool_calls: int = 0  # tool calls made in the turn (metrics)
+    tool_errors: int = 0  # of those, calls that failed: unknown tool, bad arguments, an exception, a timeout
+
+
+class Environment(Protocol):
+    """One episode's environment: a fresh object per episode (it may keep state between turns)."""
+
+    def reset(self, problem) -> list[Message]:
+        """The episode's first messages (usually the user's prompt) for ``problem``."""
+        ...
+
+    def step(self, reply: str) -> Observation:
+        """After an assistant turn whose decoded text is ``reply``: the observation, and whether the episode ends."""
+        ...
+
+
+class EpisodeError(RuntimeError):
+    """An environment raised or answered something that is not an Observation (the episode stops; counted)."""
+
+
+def check_observation(observation) -> Observation:
+    """``observation`` if it is a well-formed Observation, else EpisodeError saying what is wrong."""
+    if not isinstance(observation, Observation):
+        raise EpisodeError(f"step() returned {type(observation).__name__}, not an Observation")
+    for message in observation.messages:
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or "role" not in message:
+            raise EpisodeError(f"observation message {message!r} is not a {{'role': ..., 'content': str}} dict")
+    return observation
+
+
+__all__ = ["Environment", "EpisodeError", "Message", "Observation", "check_observation"]
