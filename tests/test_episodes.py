@@ -54,7 +54,8 @@ class ScriptedEngine:
             turns.append(encoded if (problem.prompt, turn) in self.cut else encoded + [eos])
         width, length = max(map(len, prompt_ids)), max(map(len, turns))
         completion = torch.tensor([t + [pad] * (length - len(t)) for t in turns])
-        mask = completion_mask_from(completion, eos) & (torch.arange(length) < torch.tensor([len(t) for t in turns])[:, None])
+        lengths = torch.tensor([len(t) for t in turns])
+        mask = completion_mask_from(completion, eos) & (torch.arange(length) < lengths[:, None])
         prompt = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids])
         return Rollout(torch.cat([prompt, completion], 1), torch.ones(len(turns), width + length, dtype=torch.long),
                        mask, width, list(problems), [])
@@ -78,7 +79,8 @@ def encode(tokenizer, text):
 def engine_for(tokenizer, script, *, max_turns=3, cut=frozenset(), environment=None, **kwargs):
     turn_engine = ScriptedEngine(tokenizer, script, cut=cut)
     make = environment or (lambda: ToolEnvironment([calc], format_error=lambda message: ""))
-    return EpisodeEngine(turn_engine, tokenizer, make, PlainFormat(tokenizer), max_turns=max_turns, **kwargs), turn_engine
+    engine = EpisodeEngine(turn_engine, tokenizer, make, PlainFormat(tokenizer), max_turns=max_turns, **kwargs)
+    return engine, turn_engine
 
 
 SCRIPT = {

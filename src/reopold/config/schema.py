@@ -256,7 +256,8 @@ class TrainConfig:
         if self.algo.switch_step is not None and self.algo.switch_step < 0:
             raise ConfigError(f"algo.switch_step must be >= 0 or None; got {self.algo.switch_step}")
         if self.rollout.max_episode_tokens < 0:
-            raise ConfigError(f"rollout.max_episode_tokens must be >= 0 (0: no cap); got {self.rollout.max_episode_tokens}")
+            raise ConfigError(f"rollout.max_episode_tokens must be >= 0 (0: no cap); got "
+                              f"{self.rollout.max_episode_tokens}")
         if self.run.eval_every < 0:
             raise ConfigError(f"run.eval_every must be >= 0; got {self.run.eval_every}")
         self._check_numbers()
