@@ -39,6 +39,9 @@ def _add_problem_arguments(parser: argparse.ArgumentParser) -> None:
                         help="response budget (default: the longest gold arithmetic answer + EOS; 1024 for a file)")
     parser.add_argument("--chat-template", default="auto", choices=("auto", "on", "off"),
                         help="wrap prompts in the tokenizer's chat template: auto = when it has one")
+    parser.add_argument("--max-turns", type=int, default=3,
+                        help="a task with an environment (tool use): assistant turns per episode, each of at most "
+                             "--max-new-tokens (docs/tools.md)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
@@ -157,6 +160,18 @@ def _load(path: str, args, device: str, dtype: str):
     return load_model(path, dtype=dtype, device=device, trainable=False), tokenizer, encode
 
 
+def _episodes(task, tokenizer, encode, args):
+    """The EpisodeSetup of a task with an environment (its answers are episodes), else None."""
+    from reopold.rollout.episodes import build_episodes
+
+    if args.max_turns < 1:
+        raise ValueError(f"--max-turns must be at least 1, got {args.max_turns}")
+    if getattr(task, "environment", None) is None:
+        return None
+    return build_episodes(task, tokenizer, chat_template=bool(getattr(encode, "use_template", False)),
+                          max_turns=args.max_turns)
+
+
 def default_ks(n: int) -> list[int]:
     """1, 2, 4, ... up to n, and n itself."""
     ks = [2**i for i in range(n.bit_length()) if 2**i <= n]
@@ -190,7 +205,8 @@ def run_eval(args) -> Path:
     torch.manual_seed(args.seed)
     graded = sample_and_grade(model, tokenizer, problems, encode, checker, num_samples=args.n,
                               max_new_tokens=max_new_tokens, temperature=args.temperature or 1.0,
-                              greedy=args.temperature == 0, batch_size=args.batch_size)
+                              greedy=args.temperature == 0, batch_size=args.batch_size,
+                              episodes=_episodes(task, tokenizer, encode, args))
     correct = [[g.correct for g in graded[i * args.n : (i + 1) * args.n]] for i in range(len(problems))]
     answers = [[g.answer for g in graded[i * args.n : (i + 1) * args.n]] for i in range(len(problems))]
     metrics = summarize(correct, answers, ks)
@@ -245,9 +261,11 @@ def run_scaling(args) -> Path:
     if reference not in [label for label, _ in specs]:
         raise ValueError(f"--reference {reference!r} is not one of the model labels {[label for label, _ in specs]}")
     # Every problem is answered once per K per model, one at a time: a small default keeps a run short.
-    problems, _, checker, max_new_tokens = _checked_common(args, 32)
+    problems, task, checker, max_new_tokens = _checked_common(args, 32)
     device, dtype = _device_and_dtype(args)
-    models = [ScalingModel(label, *_load(path, args, device, dtype)) for label, path in specs]
+    loaded = [(label, *_load(path, args, device, dtype)) for label, path in specs]
+    models = [ScalingModel(label, model, tokenizer, encode, _episodes(task, tokenizer, encode, args))
+              for label, model, tokenizer, encode in loaded]
 
     results = measure_scaling(models, problems, checker, ks=args.ks, max_new_tokens=max_new_tokens,
                               temperature=args.temperature, seed=args.seed)

@@ -48,6 +48,7 @@ class ScalingModel:
     model: object
     tokenizer: object
     encode: object
+    episodes: object = None  # EpisodeSetup for a task with an environment: each answer is an episode
 
 
 def _synchronize(model) -> None:
@@ -76,6 +77,8 @@ def measure_scaling(models: list[ScalingModel], problems: list, checker, *, ks: 
     # Image models render image prompts from the problems (their processor time is part of the latency).
     engines = {m.label: HFRolloutEngine(m.model, m.tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
                                         **vision_options(m.encode))
+               for m in models}
+    engines = {m.label: engines[m.label] if m.episodes is None else m.episodes.wrap(engines[m.label], m.tokenizer)
                for m in models}
     prompts = {m.label: [m.encode(p.prompt) for p in problems] for m in models}
     if warmup:
