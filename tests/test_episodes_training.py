@@ -104,3 +104,25 @@ def test_the_teacher_scores_an_episode_in_one_piece_as_turn_by_turn(models):
                           mask[None, :end], rollout.prompt_length)
             part = teacher.logprobs(cut)[0]
             torch.testing.assert_close(part[mask[:end]], whole[row, :end][mask[:end]], rtol=0, atol=1e-5)
+
+
+def test_the_agentic_recipe_holds_the_papers_settings():
+    from pathlib import Path
+
+    from reopold.config.loader import load_config
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "recipes" / "agentic-3b.yaml"
+    config = load_config(TrainConfig, recipe)
+    assert config.teacher.model == "TIGER-Lab/PixelReasoner-RL-v1" and config.student.freeze_vision
+    assert (config.run.steps, config.algo.switch_step, config.algo.beta, config.optim.lr) == (40, 10, 0.4, 1e-6)
+    assert (config.rollout.samples_per_prompt, config.rollout.prompts_per_step, config.optim.mini_batch_prompts) == (
+        8, 128, 64)
+    assert (config.rollout.max_turns, config.rollout.max_episode_tokens, config.rollout.temperature) == (3, 8192, 1.0)
+
+
+def test_max_turns_without_an_environment_is_refused():
+    from reopold.rollout.episodes import build_episodes
+
+    with pytest.raises(ValueError, match="needs a task with an environment"):
+        build_episodes(ArithmeticTask(), build_tokenizer(), chat_template=False, max_turns=3)
+    assert build_episodes(ArithmeticTask(), build_tokenizer(), chat_template=False, max_turns=1) is None
