@@ -5,8 +5,9 @@ An episode starts from a problem (``reset``: the first messages) and alternates 
 turns plain typed Python functions into such an environment (the tool-call adapter); the multi-turn engine that
 runs episodes in batches is ``reopold.rollout.episodes``.
 
-A message is a dict as chat templates take it: ``{"role": "user" | "tool" | ..., "content": str}`` (a tool
-message may also carry ``"name"``). Observations are text; image observations are not supported yet.
+A message is a dict as chat templates take it: ``{"role": "user" | "tool" | ..., "content": ...}`` (a tool
+message may also carry ``"name"``). The content is text, or, for a vision-language student, a list of parts
+``{"type": "text", "text": str}`` and ``{"type": "image", "image": <PIL image>}`` (a tool may return an image).
 """
 
 from __future__ import annotations
@@ -44,14 +45,33 @@ class EpisodeError(RuntimeError):
     """An environment raised or answered something that is not an Observation (the episode stops; counted)."""
 
 
+def message_images(message: Message) -> list:
+    """The images of a message, in order (none for text content)."""
+    content = message["content"]
+    return [] if isinstance(content, str) else [part["image"] for part in content if part.get("type") == "image"]
+
+
+def _well_formed(message) -> bool:
+    if not isinstance(message, dict) or "role" not in message:
+        return False
+    content = message.get("content")
+    if isinstance(content, str):
+        return True
+    return isinstance(content, list) and all(
+        isinstance(part, dict) and ((part.get("type") == "text" and isinstance(part.get("text"), str))
+                                    or (part.get("type") == "image" and hasattr(part.get("image"), "convert")))
+        for part in content)  # fmt: skip
+
+
 def check_observation(observation) -> Observation:
     """``observation`` if it is a well-formed Observation, else EpisodeError saying what is wrong."""
     if not isinstance(observation, Observation):
         raise EpisodeError(f"step() returned {type(observation).__name__}, not an Observation")
     for message in observation.messages:
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or "role" not in message:
-            raise EpisodeError(f"observation message {message!r} is not a {{'role': ..., 'content': str}} dict")
+        if not _well_formed(message):
+            raise EpisodeError(f"observation message {str(message)[:120]} is not a {{'role': ..., 'content': text "
+                               f"or a list of text/image parts}} dict")
     return observation
 
 
-__all__ = ["Environment", "EpisodeError", "Message", "Observation", "check_observation"]
+__all__ = ["Environment", "EpisodeError", "Message", "Observation", "check_observation", "message_images"]

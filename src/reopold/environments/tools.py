@@ -155,17 +155,28 @@ class ToolEnvironment:
         if not calls:
             return Observation(done=True)
         results = [self._run(call) for call in calls]
-        messages = [{"role": "tool", "name": name, "content": text} for name, text, _ in results]
+        messages = [{"role": "tool", "name": name, "content": content} for name, content, _ in results]
         return Observation(messages=messages, tool_calls=len(calls), tool_errors=sum(not ok for *_, ok in results))
 
-    def _run(self, call: ToolCall | ToolCallError) -> tuple[str, str, bool]:
-        """(tool name, the text the model reads, whether the call succeeded)."""
+    def _run(self, call: ToolCall | ToolCallError) -> tuple[str, str | list, bool]:
+        """(tool name, what the model reads: text, or image parts for a tool returning images, whether the call
+        succeeded)."""
         if isinstance(call, ToolCallError):
             return "", self.format_error(str(call)), False
         tool = self.tools.get(call.name)
         try:
             if tool is None:
                 raise ToolCallError(f"unknown tool {call.name!r} (tools: {', '.join(self.tools)})")
-            return call.name, str(call_with_timeout(tool.function, tool.bind(call.arguments), self.timeout)), True
+            return call.name, _content(call_with_timeout(tool.function, tool.bind(call.arguments), self.timeout)), True
         except Exception as exc:  # noqa: BLE001 - bad arguments, the tool's own exceptions, timeouts
             return call.name, self.format_error(str(exc) or type(exc).__name__), False
+
+
+def _content(result) -> str | list:
+    """A tool's return value as message content: an image (or a list of images and strings) becomes parts, anything
+    else its text."""
+    items = result if isinstance(result, list | tuple) else [result]
+    if not any(hasattr(item, "convert") for item in items):
+        return str(result)
+    return [{"type": "image", "image": item} if hasattr(item, "convert") else {"type": "text", "text": str(item)}
+            for item in items]

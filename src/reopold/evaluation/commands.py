@@ -169,7 +169,7 @@ def _episodes(task, tokenizer, encode, args):
     if getattr(task, "environment", None) is None:
         return None
     return build_episodes(task, tokenizer, chat_template=bool(getattr(encode, "use_template", False)),
-                          max_turns=args.max_turns)
+                          max_turns=args.max_turns, processor=getattr(encode, "processor", None))
 
 
 def default_ks(n: int) -> list[int]:

@@ -41,10 +41,21 @@ class ImageInputs:
         return ImageInputs(*(t.to(device) for t in (self.pixel_values, self.image_grid_thw, self.images_per_row,
                                                      self.mm_token_type_ids)))
 
+    @staticmethod
+    def of_rows(input_ids: torch.Tensor, blocks: list[list[tuple[torch.Tensor, torch.Tensor]]],
+                image_token_id: int) -> ImageInputs:
+        """The image inputs of rows laid out already: ``blocks[i]`` holds row i's (pixel_values, image_grid_thw)
+        pieces in the order their images appear in ``input_ids[i]``; the types mark every image token."""
+        pieces = [piece for row in blocks for piece in row]
+        counts = torch.tensor([sum(len(grid) for _, grid in row) for row in blocks], dtype=torch.long)
+        return ImageInputs(torch.cat([pixels for pixels, _ in pieces]), torch.cat([grid for _, grid in pieces]),
+                           counts, (input_ids == image_token_id).long())
+
     def forward_inputs(self, width: int) -> dict[str, torch.Tensor]:
         """Model kwargs for a teacher-forced pass over ``width`` tokens (prompt + response): ``mm_token_type_ids``
-        extended with zeros (text) over the response, so Qwen-VL computes generate()'s 3-D positions."""
-        types = self.mm_token_type_ids
+        extended with zeros (text) over the response, so Qwen-VL computes generate()'s 3-D positions. (An episode's
+        types cover its observations' images too; cut to ``width`` when the batch was trimmed.)"""
+        types = self.mm_token_type_ids[:, :width]
         pad = torch.zeros((types.shape[0], width - types.shape[1]), dtype=types.dtype, device=types.device)
         return {"pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw,
                 "mm_token_type_ids": torch.cat([types, pad], dim=1)}

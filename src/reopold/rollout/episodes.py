@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from reopold.environments import Environment, EpisodeError, Message, Observation, check_observation
-from reopold.rollout.batch import Rollout, RolloutEngine
-from reopold.rollout.turns import TurnFormat
+from reopold.rollout.batch import ImageInputs, Rollout, RolloutEngine
+from reopold.rollout.turns import Rendered, TemplateRewritesHistory, TurnFormat
 
 
 @dataclass
@@ -42,11 +42,20 @@ class Episode:
     tool_errors: int = 0
     error: str | None = None  # the environment failed (raised, hung or answered garbage): the episode stopped
     cut: bool = False  # a turn hit the length limit
+    images: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (pixel_values, grid_thw) pieces
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prompt + self.response
 
     def extend(self, ids: list[int], *, sampled: bool, logprobs: list[float] | None = None) -> None:
         self.response += ids
         self.sampled += [sampled] * len(ids)
         self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
+
+    def add_images(self, rendered: Rendered) -> None:
+        if rendered.pixel_values is not None:
+            self.images.append((rendered.pixel_values, rendered.image_grid_thw))
 
 
 def step_with_timeout(environment: Environment, reply: str, timeout: float) -> Observation:
@@ -102,8 +111,7 @@ class EpisodeEngine:
             active = [e for e in episodes if not e.done]
             if not active:
                 break
-            sampled = self.turn_engine.generate([e.prompt + e.response for e in active], [e.problem for e in active],
-                                                num_samples=1)
+            sampled = self._sample_turn(active)
             reported &= sampled.old_logprobs is not None
             for row, episode in enumerate(active):
                 self._advance(episode, sampled, row, last_turn=turn == self.max_turns - 1)
@@ -111,11 +119,26 @@ class EpisodeEngine:
             warnings.warn(f"an episode stopped: {error}", stacklevel=2)
         return self._layout(episodes, with_logprobs=reported)
 
+    def _sample_turn(self, active: list[Episode]) -> Rollout:
+        """One assistant turn for each active episode, in one batch (with every row's images, for a vision student)."""
+        problems = [e.problem for e in active]
+        if not any(e.images for e in active):
+            return self.turn_engine.generate([e.ids for e in active], problems, num_samples=1)
+        width = max(len(e.ids) for e in active)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(e.ids)) + e.ids for e in active])
+        attention = torch.tensor([[0] * (width - len(e.ids)) + [1] * len(e.ids) for e in active])
+        images = ImageInputs.of_rows(input_ids, [e.images for e in active], self.format.image_token_id)
+        return self.turn_engine.sample(input_ids, attention, images, problems, num_samples=1)
+
     def _start(self, problem, fallback_ids: list[int]) -> Episode:
         environment = self.make_environment()
         try:
             messages = environment.reset(problem)
-            return Episode(problem, environment, self.format.prompt(messages), messages=list(messages))
+            rendered = self.format.prompt(messages)
+            episode = Episode(problem, environment, rendered.ids, messages=list(messages))
+            episode.add_images(rendered)
+            return episode
         except Exception as exc:  # noqa: BLE001 - a broken reset stops this episode, counted, not the run
             episode = Episode(problem, None, list(fallback_ids), done=True)
             episode.error = f"the environment's reset() raised {type(exc).__name__}: {exc}"
@@ -145,7 +168,15 @@ class EpisodeEngine:
             return
         if not closed:  # the turn was cut by the length limit: close it (context, not a sampled token)
             episode.extend([self.format.stop_token_id], sampled=False)
-        episode.extend(self.format.observation(episode.messages, observation.messages), sampled=False)
+        try:
+            rendered = self.format.observation(episode.messages, observation.messages)
+        except TemplateRewritesHistory:  # the template, not this episode, is wrong: stop the run
+            raise
+        except ValueError as exc:  # e.g. an image for a student that cannot read one: this episode stops
+            episode.error, episode.done = str(exc), True
+            return
+        episode.extend(rendered.ids, sampled=False)
+        episode.add_images(rendered)
         episode.messages += observation.messages
 
     def _layout(self, episodes: list[Episode], *, with_logprobs: bool) -> Rollout:
@@ -164,12 +195,15 @@ class EpisodeEngine:
             sampled[i, : len(e.response)] = torch.tensor(e.sampled, dtype=torch.bool)
             logprobs[i, : len(e.response)] = torch.tensor(e.logprobs)
         rewards = [e.reward for e in episodes]
+        images = None
+        if any(e.images for e in episodes):
+            images = ImageInputs.of_rows(input_ids, [e.images for e in episodes], self.format.image_token_id)
         return Rollout(
             input_ids=input_ids, attention_mask=attention, completion_mask=sampled, prompt_length=width,
             problems=[e.problem for e in episodes], texts=[e.reply for e in episodes],
             old_logprobs=logprobs if with_logprobs else None,
             rewards=None if all(r is None for r in rewards) else torch.tensor([r or 0.0 for r in rewards]),
-            episode_stats=episode_stats(episodes),
+            episode_stats=episode_stats(episodes), images=images,
         )  # fmt: skip
 
 
@@ -190,11 +224,12 @@ class EpisodeSetup:
 
 
 def build_episodes(task, tokenizer, *, chat_template: bool, max_turns: int, max_episode_tokens: int = 0,
-                   step_timeout: float = 60.0) -> EpisodeSetup | None:
+                   step_timeout: float = 60.0, processor=None) -> EpisodeSetup | None:
     """The episodes of ``task`` (None for a single-turn task, one without ``environment``), rendered with the
-    tokenizer's chat template when ``chat_template`` (the template is checked to only append) or as plain text."""
+    tokenizer's chat template when ``chat_template`` (the template is checked to only append) or as plain text;
+    with a vision-language student's ``processor``, by its template with images (VisionChatFormat)."""
     from reopold.environments.tools import call_format_for
-    from reopold.rollout.turns import ChatTemplateFormat, PlainFormat
+    from reopold.rollout.turns import ChatTemplateFormat, PlainFormat, VisionChatFormat
 
     environment = getattr(task, "environment", None)
     if environment is None:
@@ -202,10 +237,14 @@ def build_episodes(task, tokenizer, *, chat_template: bool, max_turns: int, max_
             raise ValueError(f"rollout.max_turns={max_turns} needs a task with an environment (tool use); the task "
                              f"{task.name!r} has none: set rollout.max_turns 1 or pick such a task (docs/tools.md)")
         return None
+    chat_template = chat_template or processor is not None
     call_format = call_format_for(tokenizer) if chat_template else "tag"
     probe = environment(call_format)
     tools = [tool.function for tool in getattr(probe, "tools", {}).values()] if chat_template else None
-    turn_format = ChatTemplateFormat(tokenizer, tools=tools) if chat_template else PlainFormat(tokenizer)
+    if processor is not None:
+        turn_format = VisionChatFormat(processor, tools=tools)
+    else:
+        turn_format = ChatTemplateFormat(tokenizer, tools=tools) if chat_template else PlainFormat(tokenizer)
     return EpisodeSetup(lambda: environment(call_format), turn_format, max_turns, max_episode_tokens, step_timeout)
 
 

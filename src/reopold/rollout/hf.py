@@ -36,22 +36,34 @@ class HFRolloutEngine:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], problems: list, *, num_samples: int = 1) -> Rollout:
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id
+        images = None
+        if self.vision is not None:
+            input_ids, attention, images = self.vision.batch(problems)
+        else:
+            width = max(len(p) for p in prompt_ids)
+            input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompt_ids], device=device)
+            attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
+        return self.sample(input_ids, attention, images, problems, num_samples=num_samples)
+
+    @torch.no_grad()
+    def sample(self, input_ids: torch.Tensor, attention: torch.Tensor, images, problems: list, *,
+               num_samples: int = 1) -> Rollout:
+        """``generate`` on a batch laid out already: left-padded ``input_ids`` and ``attention`` (B, P), and the
+        ``ImageInputs`` of their images or None (multi-turn episodes of a vision-language student lay out their
+        interleaved contexts themselves)."""
         from transformers import GenerationConfig
 
         tokenizer = self.tokenizer
         device = next(self.model.parameters()).device
         pad = tokenizer.pad_token_id
-        images, extra = None, {}
-        if self.vision is not None:
-            input_ids, attention, images = self.vision.batch(problems)
+        width = input_ids.shape[1]
+        extra = {}
+        if images is not None:
             input_ids, attention, images = input_ids.to(device), attention.to(device), images.to(device)
-            width = input_ids.shape[1]
             extra = {"pixel_values": images.pixel_values, "image_grid_thw": images.image_grid_thw,
                      "mm_token_type_ids": images.mm_token_type_ids}
-        else:
-            width = max(len(p) for p in prompt_ids)
-            input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompt_ids], device=device)
-            attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
         sampling = {"temperature": self.temperature, "top_k": 0, "top_p": 1.0} if self.do_sample else {}
         if self.suppress_tokens:
             sampling["suppress_tokens"] = list(self.suppress_tokens)

@@ -270,17 +270,16 @@ def build_encoder(config: TrainConfig, tokenizer, prompts: Prompts):
 
 def build_run_episodes(config: TrainConfig, task: Task, tokenizer, encode):
     """The run's EpisodeSetup for a task with an environment (tool use, docs/tools.md), else None; a chat template
-    that rewrites earlier turns is refused here, before any model loads."""
+    that rewrites earlier turns is refused here, before any model loads. A vision-language student's episodes may
+    hold images in the prompt and in observations."""
     from reopold.rollout.episodes import build_episodes
 
     rollout = config.rollout
-    episodes = build_episodes(task, tokenizer, chat_template=bool(getattr(encode, "use_template", False)),
-                              max_turns=rollout.max_turns, max_episode_tokens=rollout.max_episode_tokens,
-                              step_timeout=rollout.step_timeout)
-    if episodes is not None and getattr(encode, "multimodal", False):
-        raise ConfigError("multi-turn episodes (a task with an environment) run on text prompts only for now; image "
-                          "prompts and image observations are not supported in episodes yet (docs/tools.md)")
-    return episodes
+    if getattr(encode, "multimodal", False) and rollout.engine != "hf" and getattr(task, "environment", None):
+        raise ConfigError("a vision-language student's episodes are sampled with rollout.engine=hf only")
+    return build_episodes(task, tokenizer, chat_template=bool(getattr(encode, "use_template", False)),
+                          max_turns=rollout.max_turns, max_episode_tokens=rollout.max_episode_tokens,
+                          step_timeout=rollout.step_timeout, processor=getattr(encode, "processor", None))
 
 
 def check_vision_pair(student: str, teacher: str, *, served: bool = False) -> None:
