@@ -118,6 +118,7 @@ def test_the_agentic_recipe_holds_the_papers_settings():
     assert (config.rollout.samples_per_prompt, config.rollout.prompts_per_step, config.optim.mini_batch_prompts) == (
         8, 128, 64)
     assert (config.rollout.max_turns, config.rollout.max_episode_tokens, config.rollout.temperature) == (3, 8192, 1.0)
+    assert config.data.task == "image-tool-prompts" and config.rollout.engine == "hf"
 
 
 def test_max_turns_without_an_environment_is_refused():

@@ -249,8 +249,8 @@ class TrainConfig:
         self._check_teachers()
         if self.data.task == "prompts" and not self.data.prompts:
             raise ConfigError("data.task=prompts needs data.prompts: a JSONL file or a dataset saved on disk")
-        if self.data.task == "image-prompts" and not self.data.prompts:
-            raise ConfigError("data.task=image-prompts needs data.prompts: a JSONL file or a dataset saved on disk")
+        if self.data.task in ("image-prompts", "image-tool-prompts") and not self.data.prompts:
+            raise ConfigError(f"data.task={self.data.task} needs data.prompts: a JSONL file or a dataset saved on disk")
         if self.data.max_prompt_tokens is not None and self.data.max_prompt_tokens <= 0:
             raise ConfigError(f"data.max_prompt_tokens must be > 0 or None; got {self.data.max_prompt_tokens}")
         if self.algo.switch_step is not None and self.algo.switch_step < 0:
