@@ -20,6 +20,7 @@ from reopold.core.spans import (
     span_rewards,
     student_span_sums,
     teacher_span_sums,
+    token_credit,
 )
 from tests import reference as ref
 
@@ -272,6 +273,33 @@ def test_rewards_of_a_merge_and_a_split_by_hand():
     torch.testing.assert_close(rewards, expected, rtol=0, atol=1e-15)
     # Sums: row 0: -1.25 - (-1.75) = 0.5 ; row 1: -1.3 - (-2.1) = 0.8 (the sequence log-ratios).
     torch.testing.assert_close(rewards.sum(dim=1), torch.tensor([0.5, 0.8], dtype=F64), rtol=0, atol=1e-15)
+
+
+def test_token_credit_by_hand():
+    # Student "7" "*" (pi_old log-probs -0.5, -0.01) | teacher "7*" (-10.0): one span. Surprisal shares
+    # (0.5 + e) / (0.51 + 2e) and (0.01 + e) / (0.51 + 2e), e = 1e-6: the teacher's -10 splits into about -9.8039
+    # on "7" and -0.1961 on "*"; the token rewards -9.3039 and -0.1861 still sum to R_span = -10 + 0.51 = -9.49.
+    # A second span, "+" alone (-0.2 | teacher -0.3), keeps the teacher's log-prob exactly.
+    alignment, _, _ = align_rows([byte_tokens("7", "*", "+")], [byte_tokens("7*", "+")])
+    student = torch.tensor([[-0.5, -0.01, -0.2]], dtype=F64)
+    teacher_on_ends = teacher_span_sums(torch.tensor([[-10.0, -0.3]], dtype=F64), alignment)
+    shares = token_credit(teacher_on_ends, student, alignment)
+    e = 1e-6
+    expected = torch.tensor([[-10 * (0.5 + e) / (0.51 + 2 * e), -10 * (0.01 + e) / (0.51 + 2 * e), -0.3]], dtype=F64)
+    torch.testing.assert_close(shares, expected, rtol=0, atol=1e-12)
+    rewards = token_rewards(student, shares)
+    torch.testing.assert_close(rewards[0, :2].sum(), torch.tensor(-9.49, dtype=F64), rtol=0, atol=1e-12)
+    assert shares[0, 2] == -0.3  # a one-token span: bit for bit
+
+
+def test_token_credit_with_identical_tokenizers_is_the_teacher_bit_for_bit():
+    student, _, teacher, _, mask = ref.random_batch(4, 9, seed=5, min_len=1)
+    tokens = [[bytes([97 + t]) * (1 + t % 3) for t in range(int(n))] for n in mask.sum(dim=1)]
+    alignment, s_mask, _ = align_rows(tokens, tokens)
+    width = s_mask.shape[1]
+    student, teacher, mask = student[:, :width], teacher[:, :width], mask[:, :width]
+    shares = token_credit(teacher_span_sums(teacher, alignment), student, alignment)
+    assert torch.equal(shares[mask], teacher[mask])
 
 
 def test_identical_tokenizers_reduce_to_token_rewards_bit_for_bit():

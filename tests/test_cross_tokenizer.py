@@ -291,3 +291,16 @@ def test_a_student_token_the_teacher_cannot_write_is_scored_as_unwritable(models
     assert scores.spans.span_end_mask.tolist() == [[False, True, True, True, False], [False, False, True, True, True]]
     teacher_clean, teacher_junk = scores.logprobs[0, [1, 2, 3]], scores.logprobs[1, [2, 3, 4]]
     assert torch.allclose(teacher_junk - teacher_clean, torch.tensor([UNWRITABLE_LOGPROB, 0.0, 0.0]), atol=1e-4)
+
+
+def test_token_credit_trains_per_token_and_lowers_the_held_out_reverse_kl(tmp_path, models):
+    pair_teacher, _, student = models
+    config = tiny_config(tmp_path, pair_teacher, student, algo={"span_credit": "token"},
+                         run={"steps": 10, "eval_every": 5, "save_every": 10})
+    run_dir = train(from_dict(TrainConfig, config))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    steps = [r for r in rows if r["kind"] == "train"]
+    assert evals[-1]["reverse_kl"] < 0.85 * evals[0]["reverse_kl"], [e["reverse_kl"] for e in evals]
+    # Graded per student token: the span metrics are gone, every step's loss is finite.
+    assert all("multi_token_span_frac" not in r and math.isfinite(r["loss"]) for r in steps)

@@ -104,6 +104,10 @@ class AlgoConfig:
                                 "fixed for every update of a rollout step) or current (the current policy, "
                                 "detached, per update); equal with one update per rollout (docs/algorithm.md)",
                                 choices=("old", "current"))  # reopold.core.REWARD_POLICIES (no torch here)
+    span_credit: str = option("span", "a teacher of another tokenizer: span (each span's reward R_span graded once, "
+                              "its gradient shared by the span's tokens) or token (R_span split over the span's "
+                              "student tokens in proportion to their surprisal under pi_old, then every token graded "
+                              "on its own); docs/cross_tokenizer.md", choices=("span", "token"))
     stop_gradient: bool | None = option(None, "ablation: treat the reward as a constant, sg(R); None = algorithm's")
     reward_floor: bool | None = option(None, "ablation: clip rewards at the floor; None = algorithm's")
     entropy_selection: bool | None = option(None, "ablation: train only top-beta entropy tokens; None = algorithm's")

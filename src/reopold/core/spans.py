@@ -292,6 +292,42 @@ def teacher_span_sums(teacher_values: torch.Tensor, alignment: SpanAlignment) ->
     return _on_span_ends(totals, alignment)
 
 
+def token_credit(
+    teacher_logprobs: torch.Tensor,
+    student_logprobs: torch.Tensor,
+    alignment: SpanAlignment,
+    *,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Per-student-token teacher log-probs from span sums: each span's teacher log-prob split over its student tokens
+    in proportion to their surprisal -log pi(o_t) (plus ``eps``, so a span the student is sure of splits evenly).
+
+    Then R_t = share_t - log pi(o_t) grades each token on its own, and the R_t of a span still sum to R_span. A
+    token the student was sure of (a number's closing operator, say) takes almost none of the teacher's surprise;
+    the uncertain token of the span takes most of it. With one-token spans the result is the teacher's log-prob of
+    the token, bit for bit. A heuristic credit rule, not an identity: docs/cross_tokenizer.md says what it changed.
+
+    Args:
+        teacher_logprobs: (B, Ts) the teacher's span sums on the student's span ends, 0 elsewhere
+            (``teacher_span_sums``: what a cross-tokenizer teacher's score returns).
+        student_logprobs: (B, Ts) log pi_old of the sampled student tokens (detached).
+        alignment: from ``align_spans``.
+
+    Returns:
+        (B, Ts) teacher log-probs per student token; 0 on tokens in no span.
+    """
+    check_same_shape(teacher_logprobs=teacher_logprobs, student_logprobs=student_logprobs,
+                     student_spans=alignment.student_spans)
+    spans = alignment.student_spans
+    size = spans.shape[1]
+    index = torch.where(spans >= 0, spans, torch.full_like(spans, size))
+    teacher_totals = _span_totals(teacher_logprobs, spans, size).gather(1, index)  # (B, Ts) the span's sum
+    weight = (-student_logprobs.detach()).clamp(min=0) + eps  # (B, Ts)
+    weight_totals = _span_totals(weight, spans, size).gather(1, index)
+    shares = torch.where(weight == weight_totals, teacher_totals, teacher_totals * weight / weight_totals)
+    return torch.where(spans >= 0, shares, torch.zeros_like(shares))
+
+
 def span_rewards(
     student_logprobs: torch.Tensor,
     teacher_logprobs: torch.Tensor,

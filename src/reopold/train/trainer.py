@@ -12,6 +12,7 @@ answer checker). accelerate handles devices, mixed precision and multi-process l
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from reopold.core.spans import token_credit
 from reopold.errors import TeacherUnavailable, TrainingStopped
 from reopold.evaluation.heldout import evaluate
 from reopold.rollout import Rollout
@@ -317,6 +319,10 @@ class Trainer:
                                   f"reopold train --resume {self.run_dir}")
         # The pass skipped in score, from the update's forward.
         reused = self.pi_old_from_update(scored, step) if pi_old == "update" else None
+        if scored.spans is not None and self.config.algo.span_credit == "token":
+            # Another teacher tokenizer, graded per token: each span's teacher log-prob split over its tokens.
+            teacher_logprobs = token_credit(scored.teacher_logprobs, scored.old_logprobs, scored.spans)
+            scored = dataclasses.replace(scored, teacher_logprobs=teacher_logprobs, spans=None)
         score_done = time.perf_counter()
         shaped = self.algorithm.shape(scored, step=step, gather=self._gather)
         if self._all_ranks(scored.is_finite()):
