@@ -44,8 +44,23 @@ class CounterTask(ArithmeticTask):
         return Counter()
 
 
+class Rewarding(Counter):
+    """Counter whose last step grades the episode 1.0 whatever the text says."""
+
+    def step(self, reply: str) -> Observation:
+        observation = super().step(reply)
+        observation.reward = 1.0 if observation.done else None
+        return observation
+
+
+class RewardingTask(ArithmeticTask):
+    def environment(self, call_format: str) -> Rewarding:
+        return Rewarding()
+
+
 if "counter-episodes" not in TASKS:
     TASKS.register("counter-episodes", CounterTask)
+    TASKS.register("rewarding-episodes", RewardingTask)
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +87,14 @@ def test_every_algorithm_trains_on_episodes(tmp_path, models, algo):
         assert row["turns_mean"] == 3 and row["env_error_frac"] == 0
         assert math.isfinite(row["loss"]) and not row["skipped"]
     assert "accuracy" in records(run_dir, "eval")[-1]
+
+
+def test_grpo_takes_the_environments_reward(tmp_path, models):
+    config = episode_config(tmp_path, models, algo={"name": "grpo"}, run={"steps": 2, "eval_every": 0})
+    config.data.task = "rewarding-episodes"
+    run_dir = train(config)
+    # The checker would reject a random student's answers; the environment graded every episode 1.0.
+    assert [row["train_accuracy"] for row in records(run_dir, "train")] == [1.0, 1.0]
 
 
 def test_resume_mid_run_is_exact_on_episodes(tmp_path, models):

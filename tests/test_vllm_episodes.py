@@ -1,13 +1,13 @@
 """Multi-turn episodes with a real vLLM as the turn sampler: every turn is sampled by vLLM, observations are
 appended as context, and vLLM's sampled-token log-probs are stitched into pi_old at the student's tokens only.
-Needs vLLM (scripts/install_vllm.sh); run with ``.venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_episodes.py``."""
+Needs vLLM (scripts/install_vllm.sh); run with
+``.venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_episodes.py``."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm", reason="needs vLLM: scripts/install_vllm.sh")
