@@ -71,6 +71,7 @@ TASKS.register("arithmetic", "reopold.tasks.arithmetic:ArithmeticTask")
 TASKS.register("prompts", "reopold.tasks.prompts:PromptTask")
 TASKS.register("visual-addition", "reopold.tasks.visual:VisualAdditionTask")
 TASKS.register("image-prompts", "reopold.tasks.visual:ImagePromptTask")
+TASKS.register("chained-products", "reopold.tasks.chained:ChainedProductsTask")
 
 
 def choices_of(registry: Registry) -> Callable[[], tuple[str, ...]]:
