@@ -86,7 +86,7 @@ def test_gold_trajectories_are_right(task):
         whole = "".join(t + (observation_text(r) if r is not None else "") for t, r in turns)
         assert task.check(q, whole)
     assert set("".join(t for t, _ in task.gold_turns(p)) + task.gold_mental(p) + "{}") <= set(task.alphabet)
-    assert task.max_turn_chars() == len("99*99=9801;9801*99=970299:970299")
+    assert task.max_completion_chars() == len("99*99=9801;9801*99=970299:970299")
 
 
 @pytest.mark.parametrize("completion, correct", [

@@ -166,8 +166,9 @@ class ChainedProductsTask:
         assert str(total) == problem.answer
         return f"{a}*{b}={partial};{partial}*{c}={total}:{total}"
 
-    def max_turn_chars(self) -> int:
-        """An upper bound on the length of any gold assistant turn (either style)."""
+    def max_completion_chars(self) -> int:
+        """An upper bound on the length of any one gold assistant turn, either style (for ``max_new_tokens``
+        per turn; the mental turn of ``99*99*99=`` is the longest, 32 characters)."""
         worst = _problem(HIGH, HIGH, HIGH)
         return max(len(self.gold_mental(worst)), *(len(text) for text, _ in self.gold_turns(worst)))
 
