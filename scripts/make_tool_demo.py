@@ -14,7 +14,8 @@ eos only, never the prompt or an observation (the model does not have to predict
   ``:117218``; it learns to call the tool twice and copy.
 - student: a smaller model, a short SFT on a mix: mostly the "mental" trajectory
   ``47*86=4042;4042*29=117218:117218`` (one turn, no tool; far beyond a 0.2M-parameter model) and a minority
-  of tool trajectories, so it calls the tool on some problems and fails on most of the others.
+  (30%) of tool trajectories, more often the larger the first factor (``uses_tool``), so greedy decoding calls
+  the tool on the problems with the largest first factors and fails on most of the others.
 
 At the end the model is evaluated on held-out test problems as the demo runs it: greedy, multi-turn, with the
 tool actually executed (``episodes`` below), reporting accuracy and how often the first turn is a tool call.
@@ -52,7 +53,7 @@ ROLES = {  # each model's defaults
     "teacher": dict(out="src/reopold/assets/demo-tools/teacher", hidden=128, layers=4, heads=4, steps=1500,
                     lr=2e-3, warmup=100, tool_share=1.0, tool_rule="random"),
     "student": dict(out="src/reopold/assets/demo-tools/student", hidden=64, layers=3, heads=2, steps=300,
-                    lr=2e-3, warmup=50, tool_share=0.2, tool_rule="random"),
+                    lr=2e-3, warmup=50, tool_share=0.3, tool_rule="ramp"),
 }
 
 
