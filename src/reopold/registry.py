@@ -72,6 +72,7 @@ TASKS.register("prompts", "reopold.tasks.prompts:PromptTask")
 TASKS.register("visual-addition", "reopold.tasks.visual:VisualAdditionTask")
 TASKS.register("image-prompts", "reopold.tasks.visual:ImagePromptTask")
 TASKS.register("image-tool-prompts", "reopold.tasks.image_tools:ImageToolPromptTask")
+TASKS.register("chained-products", "reopold.tasks.chained:ChainedProductsTask")
 
 
 def choices_of(registry: Registry) -> Callable[[], tuple[str, ...]]:
