@@ -27,7 +27,6 @@ import argparse
 import random
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +36,15 @@ from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_teacher import build_model, lr_at  # noqa: E402
 
+from reopold.rollout import HFRolloutEngine  # noqa: E402
+from reopold.rollout.episodes import EpisodeEngine  # noqa: E402
+from reopold.rollout.turns import PlainFormat  # noqa: E402
 from reopold.tasks import build_tokenizer  # noqa: E402
 from reopold.tasks.arithmetic import Problem  # noqa: E402
 from reopold.tasks.chained import (  # noqa: E402
     HIGH,
     LOW,
     ChainedProductsTask,
-    calc,
     factors,
     observation_text,
     parse_tool_call,
@@ -126,83 +127,43 @@ def gold_batch(task: ChainedProductsTask, tokenizer: PreTrainedTokenizerFast, rn
     return input_ids, attention_mask, labels
 
 
-# ---- greedy multi-turn episodes with the tool executed --------------------------------------------------
+# ---- multi-turn episodes with the tool executed (reopold's episode engine) --------------------------------
 @dataclass
 class EpisodeStats:
     accuracy: float  # last turn's final answer right
     first_turn_tool: float  # share of episodes whose first turn is a tool call
     tool_calls: float  # mean tool calls per episode
-    tool_errors: int  # calls calc refused (the episode ends there, wrong)
-    cut: int  # turns cut by the per-turn token limit (the episode ends there)
+    tool_errors: float  # share of episodes with a call calc refused (answered "{}")
+    cut: float  # share of episodes with a turn cut by the per-turn token limit
 
     def __str__(self) -> str:
         return (f"acc {self.accuracy:.3f} first-turn tool {self.first_turn_tool:.3f} tool calls/episode "
-                f"{self.tool_calls:.2f} tool errors {self.tool_errors} cut turns {self.cut}")
+                f"{self.tool_calls:.2f} tool errors {self.tool_errors:.3f} cut turns {self.cut:.3f}")
 
 
 @torch.no_grad()
 def episodes(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, task: ChainedProductsTask,
              problems: list[Problem], *, max_turns: int = 3, max_new_tokens: int | None = None,
-             tool: Callable[[str], str] = calc, temperature: float = 0.0, seed: int = 0) -> EpisodeStats:
-    """Greedy (or sampled, at ``temperature`` > 0) episodes, batched: each turn generates until eos (or
-    ``max_new_tokens``); a turn that is exactly
-    ``[calc(...)]`` runs ``tool`` (calc; another function to test that a model reads the results) and appends
-    ``{result}``; any other turn ends the episode and is graded.
-
-    The sampled ids are kept as they are (never decoded and re-encoded); only observations are encoded.
-    """
-    model.eval()
+             temperature: float = 0.0, seed: int = 0) -> EpisodeStats:
+    """Greedy (or sampled, at ``temperature`` > 0) episodes through ``reopold.rollout.episodes``, as training and
+    ``reopold eval`` run them: the task's environment executes ``task.tool`` and appends ``{result}``; a turn
+    without a call ends the episode, which is graded on its last turn."""
+    engine = EpisodeEngine(
+        HFRolloutEngine(model, tokenizer, max_new_tokens=max_new_tokens or task.max_completion_chars() + 8,
+                        temperature=temperature or 1.0, do_sample=temperature > 0),
+        tokenizer, task.environment, PlainFormat(tokenizer), max_turns=max_turns,
+    )  # fmt: skip
     torch.manual_seed(seed)
-    sample = temperature > 0
-    device = next(model.parameters()).device
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    max_new_tokens = max_new_tokens or task.max_completion_chars() + 8
-    seqs = [encode(tokenizer, p.prompt) for p in problems]
-    last_turn = [""] * len(problems)
-    calls = [0] * len(problems)
-    first_tool = [False] * len(problems)
-    errors = cut = 0
-    active = list(range(len(problems)))
-    for turn in range(max_turns):
-        if not active:
-            break
-        width = max(len(seqs[i]) for i in active)
-        input_ids = torch.tensor([[pad] * (width - len(seqs[i])) + seqs[i] for i in active], device=device)  # (B, T)
-        attention_mask = (torch.arange(width, device=device)[None, :]
-                          >= torch.tensor([width - len(seqs[i]) for i in active], device=device)[:, None]).long()
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                             do_sample=sample, temperature=temperature if sample else None,
-                             top_k=0 if sample else None, top_p=1.0 if sample else None,
-                             pad_token_id=pad, eos_token_id=eos)[:, width:]  # (B, new)
-        still = []
-        for row, i in enumerate(active):
-            new = out[row].tolist()
-            ended = eos in new
-            new = new[:new.index(eos) + 1] if ended else new
-            seqs[i] += new
-            text = tokenizer.decode(new, skip_special_tokens=True)
-            last_turn[i] = text
-            if not ended:
-                cut += 1
-                continue
-            expression = parse_tool_call(text)
-            if expression is None:
-                continue
-            calls[i] += 1
-            first_tool[i] |= turn == 0
-            try:
-                result = tool(expression)
-            except ValueError:
-                errors += 1
-                continue
-            seqs[i] += encode(tokenizer, observation_text(result))
-            still.append(i)
-        active = still
-    model.train()
-    n = len(problems)
-    correct = sum(task.check(p, t) for p, t in zip(problems, last_turn, strict=True))
-    return EpisodeStats(accuracy=correct / n, first_turn_tool=sum(first_tool) / n, tool_calls=sum(calls) / n,
-                        tool_errors=errors, cut=cut)
+    rollout = engine.generate([encode(tokenizer, p.prompt) for p in problems], problems)
+    sampled = rollout.completion_mask
+    first_turn = sampled.long().cumprod(-1).bool()  # (B, T) the tokens before the first observation
+    first_texts = tokenizer.batch_decode(rollout.completion_ids * first_turn, skip_special_tokens=True)
+    n, stats = len(problems), rollout.episode_stats
+    correct = sum(task.check(p, t) for p, t in zip(problems, rollout.texts, strict=True))
+    return EpisodeStats(accuracy=correct / n, first_turn_tool=sum(parse_tool_call(t) is not None for t in
+                                                                  first_texts) / n,
+                        tool_calls=stats["tool_calls_mean"], tool_errors=stats["tool_error_frac"],
+                        cut=stats["cut_turn_frac"])
 
 
 # ---- training -----------------------------------------------------------------------------------------

@@ -97,10 +97,32 @@ def test_teacher_reads_the_tool_results(pair, task):
     """With a calculator that is off by one the teacher's answers follow the tool, not its own arithmetic."""
     problems = task.problems("test", 50)
 
-    def off_by_one(expression: str) -> str:
+    def calc(expression: str) -> str:  # off by one; named calc, the tool the teacher calls
         a, b = expression.split("*")
         return str(int(a) * int(b) + 1)
 
-    wrong = episodes(*pair["teacher"], task, problems, tool=off_by_one)
+    wrong = episodes(*pair["teacher"], ChainedProductsTask(tool=calc), problems)
     assert wrong.accuracy == 0.0
     assert wrong.tool_calls >= 1.9
+
+
+def test_the_demo_tools_config_trains_in_episodes(tmp_path):
+    """Two steps of `reopold train --config demo-tools` on the shipped pair: episodes of several turns, the tool's
+    results in them, finite losses."""
+    import json
+    import math
+
+    from reopold.cli import DEMO_CONFIG
+    from reopold.config.loader import load_config
+    from reopold.config.schema import TrainConfig
+    from reopold.train.run import train
+
+    config = load_config(TrainConfig, DEMO_CONFIG.parent / "demo-tools.yaml",
+                         ["run.steps=2", "run.eval_every=0", "run.save_every=2", f"run.output_dir={tmp_path}",
+                          "run.progress=false", "run.report=false", "data.preflight_problems=4",
+                          "rollout.prompts_per_step=8", "optim.mini_batch_prompts=8"])
+    run_dir = train(config)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["kind"] == "train"]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+    assert all(r["tool_calls_mean"] > 0 and 1 < r["turns_mean"] <= 3 for r in steps)

@@ -12,9 +12,11 @@ import torch
 
 DEMO_DIR = Path(__file__).parent.parent / "assets" / "demo"
 VISUAL_DEMO_DIR = Path(__file__).parent.parent / "assets" / "demo-visual"
+TOOLS_DEMO_DIR = Path(__file__).parent.parent / "assets" / "demo-tools"
 DEMO_MODELS = {"demo-teacher": DEMO_DIR / "teacher", "demo-student": DEMO_DIR / "student",
                "demo-teacher-merges": DEMO_DIR / "teacher-merges",  # the demo teacher, digit+operator tokens
-               "demo-visual-teacher": VISUAL_DEMO_DIR / "teacher", "demo-visual-student": VISUAL_DEMO_DIR / "student"}
+               "demo-visual-teacher": VISUAL_DEMO_DIR / "teacher", "demo-visual-student": VISUAL_DEMO_DIR / "student",
+               "demo-tools-teacher": TOOLS_DEMO_DIR / "teacher", "demo-tools-student": TOOLS_DEMO_DIR / "student"}
 # Parameters of a vision tower or its projector (Qwen-VL "visual", LLaVA "vision_tower" / "multi_modal_projector").
 VISION_MODULES = r".*(visual|vision_tower|vision_model|multi_modal_projector)\b.*"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

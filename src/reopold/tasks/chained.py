@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 
+from reopold.environments.tools import ToolEnvironment
 from reopold.tasks.arithmetic import HELD_OUT_SHARE, SPLITS, Problem, hashed_split
 
 LOW, HIGH = 10, 99  # every factor is a 2-digit number
@@ -97,10 +99,15 @@ class ChainedProductsTask:
 
     name = "chained-products"
     max_turns = 3  # assistant turns of the gold tool trajectory (two calls, one answer)
-    tools = (calc,)
 
-    def __init__(self) -> None:
+    def __init__(self, tool: Callable[[str], str] = calc) -> None:
         self.alphabet = "0123456789*+=;:[](){}cal"  # every character of a prompt, turn or observation
+        self.tool = tool  # another function named calc tests that a model reads the results
+
+    def environment(self, call_format: str = "tag") -> ToolEnvironment:
+        """One episode's environment: ``calc`` in the tag format; a refused call comes back as ``{}`` (the
+        character tokenizer has no letters for an error message), counted as a tool error."""
+        return ToolEnvironment([self.tool], call_format=call_format, format_error=lambda message: "")
 
     def __repr__(self) -> str:
         return "ChainedProductsTask()"
