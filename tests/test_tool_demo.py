@@ -126,3 +126,17 @@ def test_the_demo_tools_config_trains_in_episodes(tmp_path):
     steps = [r for r in rows if r["kind"] == "train"]
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
     assert all(r["tool_calls_mean"] > 0 and 1 < r["turns_mean"] <= 3 for r in steps)
+
+
+def test_reopold_eval_runs_episodes(tmp_path):
+    """`reopold eval` on the tool task grades episodes: the teacher, which needs its tool to be right, is right."""
+    import json
+
+    from reopold.cli import main
+
+    assert main(["eval", "demo-tools-teacher", "--task", "chained-products", "--temperature", "0", "--n", "1",
+                 "--num-problems", "20", "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    assert metrics["pass@1"] == 1.0
+    samples = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert all(s["completion"].startswith(":") for s in samples)  # graded on the last turn, the answer
