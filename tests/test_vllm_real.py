@@ -376,7 +376,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_remote_teacher_against_a_vllm_openai_server_matches_the_local_teacher(tmp_path):
+def test_remote_teacher_against_a_vllm_openai_server_matches_the_local_teacher_and_trains(tmp_path):
     from reopold.teacher.remote import RemoteTeacher
 
     path = make_student(tmp_path / "teacher", tied=False, seed=4)
@@ -406,6 +406,19 @@ def test_remote_teacher_against_a_vllm_openai_server_matches_the_local_teacher(t
         report(f"remote teacher (vLLM server) vs local HF teacher, max abs diff over {int(mask.sum())} tokens", gap)
         assert gap < 1e-4
         assert float(local[mask].std()) > 0.1  # real, varied log-probs, not a constant both sides agree on
+        # A few training steps scored by the served teacher (a student of the same vocabulary, HF rollouts).
+        from reopold.config.loader import from_dict
+        from reopold.config.schema import TrainConfig
+        from reopold.train.run import train
+        from tests.tiny import make_model, tiny_config
+
+        student = make_model(tmp_path / "student", hidden=32, layers=1, seed=2)
+        config = from_dict(TrainConfig, tiny_config(tmp_path, path, student, teacher={"url": url},
+                                                    run={"steps": 2, "eval_every": 2, "save_every": 2}))
+        rows = [json.loads(line) for line in (train(config) / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in rows if r["kind"] == "train"]
+        assert len(steps) == 2 and all(math.isfinite(r["loss"]) and not r["skipped"] for r in steps)
+        assert all(math.isfinite(r["reverse_kl"]) for r in rows if r["kind"] == "eval")
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and the engine process it started
         try:
