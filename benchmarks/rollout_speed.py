@@ -8,8 +8,9 @@ distribution (no top-k/top-p), fp32. Measured per call: ``time.process_time`` (e
 response tokens sampled (up to and including EOS). CPU time, not wall time: on a loaded machine wall time says
 little, and vLLM's CPU backend may use several threads.
 
-The default model is the bundled demo teacher (head_dim 32; vLLM's CPU attention does not support the demo
-student's 16). Needs vLLM (``scripts/install_vllm.sh`` on CPU).
+The default model is the bundled demo teacher (head_dim 32); ``--model demo-student`` runs the demo student (2 heads
+of 32 since 2026-11-30; vLLM's CPU attention does not support the earlier student's head_dim 16). Needs vLLM
+(``scripts/install_vllm.sh`` on CPU).
 
     python benchmarks/rollout_speed.py --rounds 5 --out rollout_speed.json
 """

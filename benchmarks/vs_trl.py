@@ -14,6 +14,13 @@ time, because a loaded machine makes wall time meaningless; with one thread the 
 Needs TRL (``pip install 'reopold[trl]'``, trl 1.16). ``--trl`` picks GKDTrainer (lmbda=1: fully on-policy, the
 generalized JSD on full distributions) or DistillationTrainer (reverse KL on full distributions); both score every
 position with the full teacher distribution, as reopold's teacher pass does for the sampled tokens.
+
+``--engine vllm`` samples with vLLM on both sides (reopold's colocated engine; TRL's ``use_vllm=True,
+vllm_mode="colocate"``, which only DistillationTrainer has in trl 1.16); ``--trl-engine`` sets TRL's side apart.
+Needs vLLM and TRL in one environment (docs/speed.md). TRL 1.16's colocated weight sync calls the vLLM model's
+``load_weights``, which vLLM 0.32's CPU build refuses once it has repacked the linear weights (``'Parameter' object
+has no attribute 'weight_loader'``); on TRL's side the sync is therefore replaced by the one reopold's engine uses
+(the worker's ``reload_weights``, then the tied head re-packed), and everything else is TRL's.
 """
 
 from __future__ import annotations
@@ -75,7 +82,18 @@ def run_reopold(steps: int, algo: str, engine: str, reuse: bool = True) -> dict:
     return {"side": f"reopold-{algo}", "step_ends": [e - start for e in ends], "tokens": tokens}
 
 
-def run_trl(steps: int, trainer_name: str) -> dict:
+def trl_vllm_sync(generation) -> None:
+    """TRL's ``VLLMGeneration.sync_weights`` for a colocated engine, done as reopold's engine does it (see the module
+    docstring): the in-process worker reloads TRL's (name, tensor) pairs in place, then the tied head is re-packed."""
+    from reopold.rollout.vllm import repack_shared_weights
+
+    worker = generation.llm.llm_engine.model_executor.driver_worker
+    worker.reload_weights(weights_iterator=list(generation._iter_named_params()))
+    repack_shared_weights(worker.model_runner.get_model())
+    generation.llm.reset_prefix_cache()
+
+
+def run_trl(steps: int, trainer_name: str, engine: str = "hf") -> dict:
     """TRL's trainer on the same prompts, batch, length and precision; per-step CPU time and sampled tokens."""
     torch = _threads()
     from datasets import Dataset
@@ -144,8 +162,16 @@ def run_trl(steps: int, trainer_name: str) -> dict:
 
         trainer_class = DistillationTrainer
         dataset = Dataset.from_dict({"prompt": [tokenizer.decode(r) for r in rows]})
+        vllm = {}
+        if engine == "vllm":  # colocated, in this process; fp32 like the student; max_num_seqs = the batch
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            from trl.generation.vllm_generation import VLLMGeneration
+
+            VLLMGeneration.sync_weights = trl_vllm_sync
+            vllm = {"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": 128,
+                    "vllm_gpu_memory_utilization": 0.05}
         args = DistillationConfig(**common, max_completion_length=NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0,
-                                  beta=1.0)
+                                  beta=1.0, **vllm)
         kwargs = {}
         generate = student.generate
 
@@ -163,9 +189,18 @@ def run_trl(steps: int, trainer_name: str) -> dict:
         student.generate = counted_generate
     trainer = trainer_class(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
                             processing_class=tokenizer, callbacks=[StepEnds()], **kwargs)
+    if engine == "vllm":
+        sample = trainer.vllm_generation.generate
+
+        def counted_sample(*a, **k):
+            out = sample(*a, **k)  # (prompt_ids, completion_ids, logprobs, logprob_token_ids); EOS is in the ids
+            tokens.append(sum(len(ids) for ids in out[1]))
+            return out
+
+        trainer.vllm_generation.generate = counted_sample
     start = time.process_time()
     trainer.train()
-    return {"side": f"trl-{trainer_name}", "step_ends": [e - start for e in ends], "tokens": tokens}
+    return {"side": f"trl-{trainer_name}-{engine}", "step_ends": [e - start for e in ends], "tokens": tokens}
 
 
 def steady(result: dict, warmup: int) -> dict:
@@ -196,18 +231,23 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="steps left out of the measurement")
     parser.add_argument("--trl", choices=("gkd", "distillation"), default="gkd")
     parser.add_argument("--algo", default="reopold", help="reopold's algorithm (the demo config's: reopold)")
-    parser.add_argument("--engine", default="hf", choices=("hf", "vllm"), help="reopold's rollout engine")
+    parser.add_argument("--engine", default="hf", choices=("hf", "vllm"), help="rollout engine of both sides")
+    parser.add_argument("--trl-engine", choices=("hf", "vllm"), help="TRL's rollout engine (default: --engine)")
     parser.add_argument("--no-reuse", action="store_true", help="reopold: keep the separate pi_old pass")
     parser.add_argument("--out", help="write the runs and the summary here (JSON)")
     parser.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side and print its JSON
     args = parser.parse_args()
+    args.trl_engine = args.trl_engine or args.engine
+    if args.trl_engine == "vllm" and args.trl != "distillation":
+        parser.error("TRL samples with vLLM in DistillationTrainer only (trl 1.16): add --trl distillation")
     if args.side == "reopold":
         print(json.dumps(run_reopold(args.steps, args.algo, args.engine, reuse=not args.no_reuse)))
         return
     if args.side == "trl":
-        print(json.dumps(run_trl(args.steps, args.trl)))
+        print(json.dumps(run_trl(args.steps, args.trl, args.trl_engine)))
         return
     common = ["--steps", str(args.steps), "--trl", args.trl, "--algo", args.algo, "--engine", args.engine,
+              "--trl-engine", args.trl_engine,
               *(["--no-reuse"] if args.no_reuse else [])]
     runs, ratios = [], []
     for round_ in range(args.rounds):

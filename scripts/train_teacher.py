@@ -148,14 +148,14 @@ def save_checkpoint(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
 
 
 def model_parser(doc: str | None, *, out: str, hidden: int, layers: int, steps: int, lr: float, warmup: int,
-                 final_frac: float, eval_every: int) -> argparse.ArgumentParser:
+                 final_frac: float, eval_every: int, heads: int = 4) -> argparse.ArgumentParser:
     """The arguments both demo-model scripts take, with each script's defaults."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(out))
     ap.add_argument("--digits", type=int, nargs=2, default=(3, 2))
     ap.add_argument("--hidden", type=int, default=hidden)
     ap.add_argument("--layers", type=int, default=layers)
-    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=heads)
     ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=lr)

@@ -267,6 +267,43 @@ def test_a_lora_run_with_a_vllm_engine_built_from_the_config(tmp_path):
     assert [r["step"] for r in train_rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in train_rows)
 
 
+def test_reopold_train_runs_the_shipped_demo_with_the_vllm_engine(tmp_path):
+    """The bundled demo pair out of the box (its student has 2 heads of 32): ``reopold train --rollout.engine vllm``
+    with the demo config, as a user runs it, in its own process; 3 steps, evaluated on 64 problems."""
+    from safetensors.torch import load_file
+
+    from reopold.models.loading import resolve_model
+    from reopold.train.checkpoint import latest_checkpoint
+
+    command = [sys.executable, "-m", "reopold", "train", "--rollout.engine", "vllm", "--run.steps", "3",
+               "--run.eval_every", "3", "--run.save_every", "3", "--data.eval_problems", "64", "--run.report", "false",
+               "--run.output_dir", str(tmp_path), "--run.name", "demo-vllm", "--rollout.vllm_cpu_kv_cache_mb", "64"]
+    started = time.perf_counter()
+    out = subprocess.run(command, capture_output=True, text=True, timeout=420,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    report("reopold train, 3 demo steps with the vLLM engine, wall seconds", time.perf_counter() - started)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    run_dir = tmp_path / "demo-vllm"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in train_rows] == [1, 2, 3] and [r["step"] for r in evals] == [0, 3]
+    for r in train_rows:
+        assert all(math.isfinite(r[key]) for key in ("loss", "reward_mean", "grad_norm", "entropy_mean")), r
+        assert r["response_length"] > 10  # the demo student writes scratchpads, not empty answers
+    for r in evals:
+        assert math.isfinite(r["reverse_kl"]) and r["reverse_kl"] > 0 and 0.0 <= r["accuracy"] <= 1.0, r
+    shipped = load_file(Path(resolve_model("demo-student")) / "model.safetensors")
+    final = load_file(latest_checkpoint(run_dir) / "model.safetensors")
+    assert final.keys() == shipped.keys()
+    assert all(torch.isfinite(t).all() for t in final.values())
+    change = max(float((final[k] - shipped[k]).abs().max()) for k in shipped)
+    steps = sum(r["lr"] for r in train_rows)  # AdamW moves a weight by about lr per step (the warmup's small lrs)
+    report("largest weight change after 3 demo steps / the sum of their lrs", change / steps)
+    assert 0.3 * steps < change < 3 * steps
+
+
 def test_training_takes_pi_old_from_the_engine_and_skips_the_pass(tmp_path, monkeypatch):
     """rkl_sg needs no entropies: with an fp32 engine built from the config, every step's pi_old is vLLM's
     sampled-token log-probs (after each weight sync), equal to the student's own pass, which does not run."""
