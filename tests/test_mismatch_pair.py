@@ -100,9 +100,10 @@ def _greedy(tok, model, task, n=200) -> tuple[list, list[str]]:
     return problems, tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def test_mismatched_pair_loads_shares_the_vocabulary_and_answers_in_its_own_style(task):
+@pytest.mark.parametrize("teacher_dir", ["teacher", "teacher-scratch"])
+def test_mismatched_pair_loads_shares_the_vocabulary_and_answers_in_its_own_style(task, teacher_dir):
     torch.set_num_threads(1)
-    t_tok, teacher = _load("teacher")
+    t_tok, teacher = _load(teacher_dir)
     s_tok, student = _load("student")
     assert t_tok.get_vocab() == s_tok.get_vocab() == build_tokenizer(task.alphabet).get_vocab()
     assert teacher.config.vocab_size == student.config.vocab_size == len(t_tok)
