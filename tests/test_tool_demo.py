@@ -139,4 +139,6 @@ def test_reopold_eval_runs_episodes(tmp_path):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
     assert metrics["pass@1"] == 1.0
     samples = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
-    assert all(s["completion"].startswith(":") for s in samples)  # graded on the last turn, the answer
+    # The whole episode, graded on its last turn: two calls, their results, the answer.
+    assert all(s["completion"].startswith("[calc(") and s["completion"].count("{") == 2 for s in samples)
+    assert all(s["completion"].endswith(":" + s["reference"]) for s in samples)

@@ -21,7 +21,7 @@ class GradedSample:
 
     problem: int  # index into the problems list
     sample: int  # 0..n-1, in draw order
-    completion: str  # decoded response, special tokens removed
+    completion: str  # decoded response, special tokens removed (an episode: all its turns and observations)
     answer: str | None  # final answer parsed by the checker (None: none found)
     correct: bool
     length: int  # response tokens, EOS included
@@ -61,7 +61,8 @@ def sample_and_grade(
         for row, (problem, text) in enumerate(zip(rollout.problems, rollout.texts, strict=True)):
             answer, correct = checker.grade(problem, text)
             index, sample = divmod(row, num_samples)
-            graded.append(GradedSample(start + index, sample, text, answer, correct, int(lengths[row])))
+            completion = rollout.transcripts[row] if rollout.transcripts else text  # graded on ``text`` either way
+            graded.append(GradedSample(start + index, sample, completion, answer, correct, int(lengths[row])))
     return graded
 
 
