@@ -12,6 +12,8 @@ message may also carry ``"name"``). The content is text, or, for a vision-langua
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -45,6 +47,32 @@ class EpisodeError(RuntimeError):
     """An environment raised or answered something that is not an Observation (the episode stops; counted)."""
 
 
+class CallTimedOut(TimeoutError):
+    """A call of user code (a tool, an environment's step) that did not return in time."""
+
+
+def call_with_timeout(function: Callable, timeout: float, *args, **kwargs):
+    """``function(*args, **kwargs)`` in a daemon thread, its exception re-raised here; CallTimedOut if it has not
+    returned after ``timeout`` seconds (the thread is abandoned: Python cannot kill it, so code that hangs forever
+    keeps one idle thread)."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["value"] = function(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise CallTimedOut(f"timed out after {timeout:g}s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
 def message_images(message: Message) -> list:
     """The images of a message, in order (none for text content)."""
     content = message["content"]
@@ -74,4 +102,5 @@ def check_observation(observation) -> Observation:
     return observation
 
 
-__all__ = ["Environment", "EpisodeError", "Message", "Observation", "check_observation", "message_images"]
+__all__ = ["CallTimedOut", "Environment", "EpisodeError", "Message", "Observation", "call_with_timeout",
+           "check_observation", "message_images"]

@@ -20,12 +20,11 @@ from __future__ import annotations
 import inspect
 import json
 import re
-import threading
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from reopold.environments import Message, Observation
+from reopold.environments import Message, Observation, call_with_timeout
 
 CALL_FORMATS = ("tag", "json")
 _TAG_CALL = re.compile(r"\[([A-Za-z_]\w*)\((.*?)\)\]", re.S)
@@ -107,27 +106,6 @@ def _convert(tool: str, name: str, value, kind):
     return value
 
 
-def call_with_timeout(function: Callable, kwargs: dict, timeout: float):
-    """``function(**kwargs)`` in a daemon thread; TimeoutError if it has not returned after ``timeout`` seconds (the
-    thread is abandoned: Python cannot kill it, so a tool that hangs forever keeps one idle thread)."""
-    result: dict = {}
-
-    def run() -> None:
-        try:
-            result["value"] = function(**kwargs)
-        except BaseException as exc:  # noqa: BLE001 - reported to the model as an error observation
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise TimeoutError(f"timed out after {timeout:g}s")
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
-
-
 class ToolEnvironment:
     """An Environment whose observations are the results of the tool calls in each assistant turn.
 
@@ -167,7 +145,8 @@ class ToolEnvironment:
         try:
             if tool is None:
                 raise ToolCallError(f"unknown tool {call.name!r} (tools: {', '.join(self.tools)})")
-            return call.name, _content(call_with_timeout(tool.function, tool.bind(call.arguments), self.timeout)), True
+            result = call_with_timeout(tool.function, self.timeout, **tool.bind(call.arguments))
+            return call.name, _content(result), True
         except Exception as exc:  # noqa: BLE001 - bad arguments, the tool's own exceptions, timeouts
             return call.name, self.format_error(str(exc) or type(exc).__name__), False
 

@@ -11,14 +11,21 @@ kept-token count are all computed over ``completion_mask``, so observations neve
 
 from __future__ import annotations
 
-import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from reopold.environments import Environment, EpisodeError, Message, Observation, check_observation
+from reopold.environments import (
+    CallTimedOut,
+    Environment,
+    EpisodeError,
+    Message,
+    Observation,
+    call_with_timeout,
+    check_observation,
+)
 from reopold.rollout.batch import ImageInputs, Rollout, RolloutEngine
 from reopold.rollout.turns import Rendered, TemplateRewritesHistory, TurnFormat
 
@@ -60,23 +67,13 @@ class Episode:
 
 def step_with_timeout(environment: Environment, reply: str, timeout: float) -> Observation:
     """``environment.step(reply)``, checked; EpisodeError if it raises, hangs past ``timeout`` s or answers garbage."""
-    result: dict = {}
-
-    def run() -> None:
-        try:
-            result["value"] = environment.step(reply)
-        except Exception as exc:  # noqa: BLE001 - any failure of user code stops this episode only
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise EpisodeError(f"the environment's step() did not return within {timeout:g}s")
-    if "error" in result:
-        exc = result["error"]
+    try:
+        observation = call_with_timeout(environment.step, timeout, reply)
+    except CallTimedOut:
+        raise EpisodeError(f"the environment's step() did not return within {timeout:g}s") from None
+    except Exception as exc:  # noqa: BLE001 - any failure of user code stops this episode only
         raise EpisodeError(f"the environment's step() raised {type(exc).__name__}: {exc}") from exc
-    return check_observation(result["value"])
+    return check_observation(observation)
 
 
 class EpisodeEngine:
