@@ -108,7 +108,9 @@ def test_ids_are_the_sampled_turns_and_rendered_observations(tokenizer):
     assert not rollout.completion_mask[0, len(expected) :].any()
     assert rollout.attention_mask[0, rollout.prompt_length :].sum() == len(expected)
     assert rollout.texts == [":117218", ":1716", "[calc(1000*1)]"]
-    assert rollout.transcripts[0] == "[calc(47*86)]{4042}[calc(4042*29)]{117218}:117218"
+    from reopold.evaluation.heldout import transcripts
+
+    assert transcripts(rollout, tokenizer)[0] == "[calc(47*86)]{4042}[calc(4042*29)]{117218}:117218"
     # Row 1 answered in one turn: its response is that turn only.
     assert rollout.attention_mask[1, rollout.prompt_length :].sum() == len(":1716") + 1
     assert rollout.episode_stats["turns_mean"] == pytest.approx(7 / 3)

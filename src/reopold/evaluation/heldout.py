@@ -58,12 +58,18 @@ def sample_and_grade(
         chunk = problems[start : start + per_call]
         rollout = engine.generate([encode(p.prompt) for p in chunk], chunk, num_samples=num_samples)
         lengths = rollout.completion_mask.sum(-1).tolist()  # (B * n,)
+        shown = rollout.texts if episodes is None else transcripts(rollout, tokenizer)
         for row, (problem, text) in enumerate(zip(rollout.problems, rollout.texts, strict=True)):
             answer, correct = checker.grade(problem, text)
             index, sample = divmod(row, num_samples)
-            completion = rollout.transcripts[row] if rollout.transcripts else text  # graded on ``text`` either way
-            graded.append(GradedSample(start + index, sample, completion, answer, correct, int(lengths[row])))
+            graded.append(GradedSample(start + index, sample, shown[row], answer, correct, int(lengths[row])))
     return graded
+
+
+def transcripts(rollout, tokenizer) -> list[str]:
+    """Each row's whole response decoded, observations included (an episode's turns and tool results)."""
+    response, real = rollout.completion_ids, rollout.attention_mask[:, rollout.prompt_length :].bool()
+    return [tokenizer.decode(ids[keep], skip_special_tokens=True) for ids, keep in zip(response, real, strict=True)]
 
 
 @torch.no_grad()

@@ -81,7 +81,6 @@ class Rollout:
     # attention_mask also covers the observations between its turns.
     rewards: torch.Tensor | None = None  # (B,) the environment's task reward of each episode, when it grades them
     episode_stats: dict = field(default_factory=dict)  # the batch's episode metrics (turns, tool calls, errors)
-    transcripts: list[str] = field(default_factory=list)  # (B,) episodes: every turn and observation, decoded
 
     @property
     def completion_ids(self) -> torch.Tensor:
@@ -110,7 +109,6 @@ class Rollout:
             completion_mask=mask[:, : max(width, 1)],
             problems=[self.problems[i] for i in index.tolist()] if self.problems else [],
             texts=[self.texts[i] for i in index.tolist()] if self.texts else [],
-            transcripts=[self.transcripts[i] for i in index.tolist()] if self.transcripts else [],
             old_logprobs=None if self.old_logprobs is None else self.old_logprobs[index, : max(width, 1)],
             images=None if self.images is None else self.images.select(index),
             rewards=None if self.rewards is None else self.rewards[index.to(self.rewards.device)],

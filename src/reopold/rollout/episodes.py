@@ -201,7 +201,6 @@ class EpisodeEngine:
             old_logprobs=logprobs if with_logprobs else None,
             rewards=None if all(r is None for r in rewards) else torch.tensor([r or 0.0 for r in rewards]),
             episode_stats=episode_stats(episodes), images=images,
-            transcripts=[self.tokenizer.decode(e.response, skip_special_tokens=True) for e in episodes],
         )  # fmt: skip
 
 
