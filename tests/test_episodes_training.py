@@ -21,8 +21,9 @@ from reopold.rollout.turns import PlainFormat
 from reopold.tasks import ArithmeticTask, build_tokenizer
 from reopold.teacher.local import LocalTeacher
 from reopold.train.run import train
+from tests import test_trainer
 from tests.test_trainer import records, without_timings
-from tests.tiny import make_model, tiny_config
+from tests.tiny import tiny_config
 
 
 class Counter:
@@ -63,12 +64,7 @@ if "counter-episodes" not in TASKS:
     TASKS.register("rewarding-episodes", RewardingTask)
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    teacher = make_model(root / "teacher", hidden=64, layers=2, seed=1, sharpness=8.0)
-    student = make_model(root / "student", hidden=32, layers=1, seed=2)
-    return teacher, student
+models = test_trainer.models  # the tiny teacher and student of the trainer's end-to-end tests
 
 
 def episode_config(tmp_path, models, **sections):

@@ -10,8 +10,6 @@ import torch
 
 pytest.importorskip("transformers")
 
-from reopold.config.loader import from_dict  # noqa: E402
-from reopold.config.schema import TrainConfig  # noqa: E402
 from reopold.environments import Observation  # noqa: E402
 from reopold.models.scorer import TokenScorer  # noqa: E402
 from reopold.models.vision import never_sampled_ids  # noqa: E402
@@ -129,16 +127,10 @@ def test_dropping_an_observation_image_changes_the_next_turns_scores(vlm):
 
 
 def test_training_on_visual_episodes(tmp_path, vlm_pair):
-    teacher, student = vlm_pair
-    config = {
-        "student": {"model": str(student)}, "teacher": {"model": str(teacher)},
-        "data": {"task": "visual-zoom", "eval_problems": 8, "train_problems": 100, "preflight_problems": 0},
-        "rollout": {"prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 6, "max_turns": 3},
-        "optim": {"lr": 3e-3, "mini_batch_prompts": 2, "micro_batch_size": 8, "warmup_steps": 0},
-        "run": {"steps": 2, "eval_every": 2, "save_every": 2, "output_dir": str(tmp_path / "runs"),
-                "progress": False, "report": False},
-    }
-    run_dir = train(from_dict(TrainConfig, config))
+    config = test_vision_training._config(
+        tmp_path, vlm_pair, data={"task": "visual-zoom", "eval_problems": 8, "train_problems": 100},
+        rollout={"samples_per_prompt": 2, "max_new_tokens": 6, "max_turns": 3}, run={"steps": 2, "save_every": 2})
+    run_dir = train(config)
     for row in records(run_dir, "train"):
         assert row["turns_mean"] == 3 and row["env_error_frac"] == 0
         assert math.isfinite(row["loss"]) and row["grad_norm"] > 0 and not row["skipped"]

@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reopold.config.loader import from_dict
-from reopold.config.schema import TrainConfig
 from reopold.tasks.image_tools import CropEnvironment, ImageToolPromptTask
 from reopold.train.run import train
 from tests import test_vision_training
@@ -54,17 +52,11 @@ def test_crop_returns_the_region_and_can_target_earlier_crops(prompts):
 
 
 def test_training_with_the_crop_tool(tmp_path, prompts, vlm_pair):
-    teacher, student = vlm_pair
-    config = {
-        "student": {"model": str(student)}, "teacher": {"model": str(teacher)},
-        "data": {"task": "image-tool-prompts", "prompts": str(prompts), "prompt_key": "problem", "eval_problems": 4,
-                 "preflight_problems": 0},
-        "rollout": {"prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 6, "max_turns": 3},
-        "optim": {"lr": 3e-3, "mini_batch_prompts": 2, "micro_batch_size": 8, "warmup_steps": 0},
-        "run": {"steps": 2, "eval_every": 2, "save_every": 2, "output_dir": str(tmp_path / "runs"),
-                "progress": False, "report": False},
-    }
-    run_dir = train(from_dict(TrainConfig, config))
+    config = test_vision_training._config(
+        tmp_path, vlm_pair,
+        data={"task": "image-tool-prompts", "prompts": str(prompts), "prompt_key": "problem", "eval_problems": 4},
+        rollout={"samples_per_prompt": 2, "max_new_tokens": 6, "max_turns": 3}, run={"steps": 2, "save_every": 2})
+    run_dir = train(config)
     for row in records(run_dir, "train"):
         assert math.isfinite(row["loss"]) and not row["skipped"] and row["env_error_frac"] == 0
         assert 1 <= row["turns_mean"] <= 3
