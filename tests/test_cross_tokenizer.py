@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from reopold import core
 from reopold.config.loader import ConfigError, from_dict
@@ -32,20 +31,9 @@ PAIRS = build_tokenizer(merges=DIGIT_PAIRS)
 CHARS = build_tokenizer()
 
 
-def make_pair_model(path: Path, *, hidden: int, layers: int, seed: int, sharpness: float = 1.0) -> Path:
+def make_pair_model(path: Path, **kwargs) -> Path:
     """A random Llama over the digit-pair tokenizer (118 tokens)."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(PAIRS), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-        pad_token_id=PAIRS.pad_token_id, eos_token_id=PAIRS.eos_token_id, bos_token_id=None,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(sharpness)
-    model.save_pretrained(path)
-    PAIRS.save_pretrained(path)
-    return path
+    return make_model(path, tokenizer=PAIRS, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from reopold.tasks import build_tokenizer
 
 
-def make_model(path: Path, *, hidden: int, layers: int, seed: int, sharpness: float = 1.0) -> Path:
-    """Save a random Llama of the given size; ``sharpness`` scales the output layer (peakier distributions)."""
-    tokenizer = build_tokenizer()
+def make_model(path: Path, *, hidden: int, layers: int, seed: int, sharpness: float = 1.0, tokenizer=None) -> Path:
+    """Save a random Llama of the given size over ``tokenizer`` (default: the char tokenizer); ``sharpness`` scales
+    the output layer (peakier distributions)."""
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
