@@ -34,7 +34,7 @@ import torch
 from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_teacher import build_model, lr_at  # noqa: E402
+from train_teacher import build_model, sft_loop  # noqa: E402
 
 from reopold.rollout import HFRolloutEngine  # noqa: E402
 from reopold.rollout.episodes import EpisodeEngine  # noqa: E402
@@ -170,28 +170,10 @@ def episodes(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, task: 
 def train(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, task: ChainedProductsTask,
           args: argparse.Namespace, log=print) -> None:
     """SFT on gold trajectories (tool ones with probability ``args.tool_share``), logging validation episodes."""
-    rng = random.Random(args.seed)
     val = task.problems("validation", args.eval_n)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    model.train()
-    t0, tokens = time.time(), 0
-    for step in range(args.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, peak=args.lr, warmup=args.warmup, total=args.steps, final_frac=args.final_frac)
-        input_ids, attention_mask, labels = gold_batch(task, tokenizer, rng, args.batch_size, args.tool_share,
-                                                     args.tool_rule)
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        tokens += int(attention_mask.sum())
-        if (step + 1) % 50 == 0:
-            el = time.time() - t0
-            log(f"step {step + 1}/{args.steps} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                f"{el:.0f}s {tokens / el:.0f} tok/s")
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            log(f"step {step + 1} val {episodes(model, tokenizer, task, val)} ({time.time() - t0:.0f}s)")
+    sft_loop(model, lambda rng: gold_batch(task, tokenizer, rng, args.batch_size, args.tool_share, args.tool_rule),
+             steps=args.steps, lr=args.lr, warmup=args.warmup, final_frac=args.final_frac, seed=args.seed,
+             eval_every=args.eval_every, evaluate=lambda: str(episodes(model, tokenizer, task, val)), log=log)
 
 
 def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, task: ChainedProductsTask, out: Path) -> None:

@@ -107,6 +107,17 @@ def train_gold_sft(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, 
 
     ``on_eval()`` (e.g. an interim save) is called after each progress eval.
     """
+    sft_loop(model, lambda rng: gold_batch(task, tokenizer, rng, batch_size, paths), steps=steps, lr=lr,
+             warmup=warmup, final_frac=final_frac, seed=seed, bf16=bf16, eval_every=eval_every,
+             evaluate=lambda: f"greedy acc {accuracy(model, tokenizer, task, eval_problems):.3f}", log=log,
+             on_eval=on_eval)
+
+
+def sft_loop(model: LlamaForCausalLM, next_batch, *, steps: int, lr: float, warmup: int, final_frac: float,
+             seed: int, bf16: bool = False, eval_every: int = 0, evaluate=None, log=print, on_eval=None) -> None:
+    """The demo models' SFT: AdamW (betas 0.9/0.98, weight decay 0.01), ``lr_at``'s schedule, gradients clipped
+    at 1. ``next_batch(rng)`` -> (input_ids, attention_mask, labels) from one seeded ``random.Random``;
+    ``evaluate()`` -> the text logged as "step N val <text>" every ``eval_every`` steps, then ``on_eval()``."""
     rng = random.Random(seed)
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -115,7 +126,7 @@ def train_gold_sft(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, 
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, peak=lr, warmup=warmup, total=steps, final_frac=final_frac)
-        input_ids, attention_mask, labels = (t.to(device) for t in gold_batch(task, tokenizer, rng, batch_size, paths))
+        input_ids, attention_mask, labels = (t.to(device) for t in next_batch(rng))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
@@ -127,9 +138,8 @@ def train_gold_sft(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, 
             el = time.time() - t0
             log(f"step {step + 1}/{steps} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"{el:.0f}s {tokens / el:.0f} tok/s")
-        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-            log(f"step {step + 1} val greedy acc {accuracy(model, tokenizer, task, eval_problems):.3f} "
-                f"({time.time() - t0:.0f}s)")
+        if eval_every and evaluate is not None and (step + 1) % eval_every == 0 and step + 1 < steps:
+            log(f"step {step + 1} val {evaluate()} ({time.time() - t0:.0f}s)")
             if on_eval is not None:
                 on_eval()
 
