@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 from pathlib import Path
 
 import pytest
@@ -21,10 +20,10 @@ from reopold.tasks.prompts import PromptEncoder
 from reopold.tasks.tokenizer import DIGIT_PAIRS
 from reopold.teacher.cross import CrossTokenizerTeacher, check_offsets, token_bytes
 from reopold.teacher.local import LocalTeacher
-from reopold.teacher.server import build_server
 from reopold.train.algorithms import ScoredRollout, build_algorithm
 from reopold.train.run import train
 from reopold.train.teachers import describe, plan_teachers
+from tests.test_serve_limits import Running
 from tests.tiny import make_model, tiny_config
 
 PAIRS = build_tokenizer(merges=DIGIT_PAIRS)
@@ -190,20 +189,15 @@ def test_student_token_bytes_spell_its_text():
 
 def test_a_served_pair_teacher_with_a_local_tokenizer_gives_the_local_trajectory(tmp_path, models):
     pair_teacher, _, student = models
-    server = build_server(str(pair_teacher), port=0, device="cpu", log_requests=False)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+    server = Running(pair_teacher)
     try:
         sections = {"run": {"steps": 2, "eval_every": 2, "save_every": 2}}
         local_run = train(from_dict(TrainConfig, tiny_config(tmp_path / "local", pair_teacher, student, **sections)))
         remote = tiny_config(tmp_path / "remote", pair_teacher, student, **sections)
-        remote["teacher"].update(url=f"http://127.0.0.1:{server.server_address[1]}", model=str(pair_teacher),
-                                 tokenizer=str(pair_teacher))
+        remote["teacher"].update(url=server.url, model=str(pair_teacher), tokenizer=str(pair_teacher))
         remote_run = train(from_dict(TrainConfig, remote))
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+        server.close()
     read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(read(local_run), read(remote_run), strict=True):
         for key in ("reward_mean", "reverse_kl", "multi_token_span_frac", "accuracy", "loss"):
@@ -213,18 +207,14 @@ def test_a_served_pair_teacher_with_a_local_tokenizer_gives_the_local_trajectory
 
 def test_a_served_teacher_of_another_tokenizer_without_a_local_copy_is_refused(tmp_path, models):
     pair_teacher, _, student = models
-    server = build_server(str(pair_teacher), port=0, device="cpu", log_requests=False)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+    server = Running(pair_teacher)
     try:
         config = tiny_config(tmp_path, pair_teacher, student)
-        config["teacher"].update(url=f"http://127.0.0.1:{server.server_address[1]}", model=str(pair_teacher))
+        config["teacher"].update(url=server.url, model=str(pair_teacher))
         with pytest.raises(ValueError, match="tokenizes the probe .* differently"):
             train(from_dict(TrainConfig, config))
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+        server.close()
 
 
 def test_teacher_and_teachers_together_are_refused(tmp_path, models):
