@@ -24,7 +24,7 @@ import random
 import re
 from collections.abc import Callable
 
-from reopold.environments.tools import ToolEnvironment
+from reopold.environments.tools import ToolEnvironment, parse_tool_calls
 from reopold.tasks.arithmetic import HELD_OUT_SHARE, SPLITS, Problem, hashed_split
 
 LOW, HIGH = 10, 99  # every factor is a 2-digit number
@@ -34,7 +34,6 @@ MAX_OPERAND_DIGITS = 12  # calc refuses longer operands (nothing in the task com
 _PROMPT = re.compile(r"([0-9]+)\*([0-9]+)\*([0-9]+)=")
 _CALC = re.compile(rf"([0-9]{{1,{MAX_OPERAND_DIGITS}}})([*+])([0-9]{{1,{MAX_OPERAND_DIGITS}}})")
 _FINAL = re.compile(r":([0-9]+)$")
-TOOL_CALL = re.compile(r"\[calc\(([^\[\]()]*)\)\]")  # the tag format: [calc(47*86)]
 
 
 def calc(expression: str) -> str:
@@ -71,9 +70,13 @@ def observation_text(result: str) -> str:
 
 
 def parse_tool_call(turn: str) -> str | None:
-    """The expression of an assistant turn that is exactly one tag-format call of calc, else None."""
-    m = TOOL_CALL.fullmatch(turn.strip())
-    return m.group(1) if m else None
+    """The expression of an assistant turn that is exactly one tag-format call of calc, else None (parsed by the
+    tool adapter's own tag parser)."""
+    text = turn.strip()
+    calls = parse_tool_calls(text, "tag")
+    if len(calls) == 1 and calls[0].name == "calc" and tool_call_text(calls[0].arguments) == text:
+        return calls[0].arguments
+    return None
 
 
 def factors(problem: Problem) -> tuple[int, int, int]:
@@ -98,7 +101,6 @@ class ChainedProductsTask:
     """``A*B*C=`` with three 2-digit factors; a calculator tool ``calc`` multiplies two numbers at a time."""
 
     name = "chained-products"
-    max_turns = 3  # assistant turns of the gold tool trajectory (two calls, one answer)
 
     def __init__(self, tool: Callable[[str], str] = calc) -> None:
         self.alphabet = "0123456789*+=;:[](){}cal"  # every character of a prompt, turn or observation
