@@ -141,8 +141,9 @@ def test_the_agentic_recipe_holds_the_papers_settings():
 
 
 def test_max_turns_without_an_environment_is_refused():
-    from reopold.rollout.episodes import build_episodes
+    from reopold.train.run import build_run_episodes
 
+    config = lambda turns: from_dict(TrainConfig, {"rollout": {"max_turns": turns}})
     with pytest.raises(ValueError, match="needs a task with an environment"):
-        build_episodes(ArithmeticTask(), build_tokenizer(), chat_template=False, max_turns=3)
-    assert build_episodes(ArithmeticTask(), build_tokenizer(), chat_template=False, max_turns=1) is None
+        build_run_episodes(config(3), ArithmeticTask(), build_tokenizer(), encode=None)
+    assert build_run_episodes(config(1), ArithmeticTask(), build_tokenizer(), encode=None) is None

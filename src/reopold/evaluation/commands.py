@@ -166,8 +166,6 @@ def _episodes(task, tokenizer, encode, args):
 
     if args.max_turns < 1:
         raise ValueError(f"--max-turns must be at least 1, got {args.max_turns}")
-    if getattr(task, "environment", None) is None:
-        return None
     return build_episodes(task, tokenizer, chat_template=bool(getattr(encode, "use_template", False)),
                           max_turns=args.max_turns, processor=getattr(encode, "processor", None))
 

@@ -230,9 +230,6 @@ def build_episodes(task, tokenizer, *, chat_template: bool, max_turns: int, max_
 
     environment = getattr(task, "environment", None)
     if environment is None:
-        if max_turns > 1:
-            raise ValueError(f"rollout.max_turns={max_turns} needs a task with an environment (tool use); the task "
-                             f"{task.name!r} has none: set rollout.max_turns 1 or pick such a task (docs/tools.md)")
         return None
     chat_template = chat_template or processor is not None
     call_format = call_format_for(tokenizer) if chat_template else "tag"

@@ -275,11 +275,15 @@ def build_run_episodes(config: TrainConfig, task: Task, tokenizer, encode):
     from reopold.rollout.episodes import build_episodes
 
     rollout = config.rollout
-    if getattr(encode, "multimodal", False) and rollout.engine != "hf" and getattr(task, "environment", None):
+    episodes = build_episodes(task, tokenizer, chat_template=bool(getattr(encode, "use_template", False)),
+                              max_turns=rollout.max_turns, max_episode_tokens=rollout.max_episode_tokens,
+                              step_timeout=rollout.step_timeout, processor=getattr(encode, "processor", None))
+    if episodes is None and rollout.max_turns > 1:
+        raise ConfigError(f"rollout.max_turns={rollout.max_turns} needs a task with an environment (tool use); the "
+                          f"task {task.name!r} has none: set rollout.max_turns 1 or pick such a task (docs/tools.md)")
+    if episodes is not None and episodes.turn_format.multimodal and rollout.engine != "hf":
         raise ConfigError("a vision-language student's episodes are sampled with rollout.engine=hf only")
-    return build_episodes(task, tokenizer, chat_template=bool(getattr(encode, "use_template", False)),
-                          max_turns=rollout.max_turns, max_episode_tokens=rollout.max_episode_tokens,
-                          step_timeout=rollout.step_timeout, processor=getattr(encode, "processor", None))
+    return episodes
 
 
 def check_vision_pair(student: str, teacher: str, *, served: bool = False) -> None:
