@@ -60,7 +60,7 @@ def call_with_timeout(function: Callable, timeout: float, *args, **kwargs):
     def run() -> None:
         try:
             result["value"] = function(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
+        except BaseException as exc:  # noqa: BLE001 - re-raised as it is in the caller's thread
             result["error"] = exc
 
     thread = threading.Thread(target=run, daemon=True)
