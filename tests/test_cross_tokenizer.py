@@ -140,6 +140,36 @@ def test_pair_teacher_span_sums_are_its_token_log_probs(models):
         assert int(ids[-1]) == PAIRS.eos_token_id
 
 
+def test_marginal_span_log_probs_of_a_pair_teacher(models):
+    """The marginal reading (teacher.span_logprob, the default in this process): the teacher's log-probs are its
+    plain ones, each cover is the summed probability of the tokens that start with the written one (checked against
+    the full logits), and a completion that ended with EOS still sums to log pi_T(text) (the lookahead telescopes);
+    a cut one sums to more (its last cover: the probability of the text as a prefix)."""
+    pair_teacher, _, student = models
+    rollout = student_rollout(student)
+    inner = local(pair_teacher)
+    canonical = CrossTokenizerTeacher(inner, PAIRS, CHARS, PromptEncoder(PAIRS, "off"))
+    marginal = CrossTokenizerTeacher(inner, PAIRS, CHARS, PromptEncoder(PAIRS, "off"), marginal=True)
+    _, teacher_rollout = marginal.align(rollout)
+    logprobs, cover = inner.logprobs_and_cover(teacher_rollout, marginal.extensions)
+    mask = teacher_rollout.completion_mask
+    torch.testing.assert_close(logprobs[mask], inner.logprobs(teacher_rollout)[mask], atol=1e-5, rtol=0)
+    full = inner.logits(teacher_rollout).double().log_softmax(-1)  # (B, Tt, V)
+    table = token_bytes(PAIRS)
+    ids = teacher_rollout.completion_ids
+    for i, t in mask.nonzero().tolist()[:40]:
+        piece = table[int(ids[i, t])]
+        members = [u for u, other in enumerate(table) if other and other.startswith(piece)] if piece else [int(ids[i, t])]
+        assert cover[i, t].item() == pytest.approx(float(full[i, t, members].logsumexp(0)), abs=1e-4)
+    assert (cover[mask] >= logprobs[mask] - 1e-6).all() and (cover[mask] > logprobs[mask] + 1e-3).any()
+    ended = torch.tensor([bool(rollout.completion_ids[i][rollout.completion_mask[i]][-1] == CHARS.eos_token_id)
+                          for i in range(len(rollout))])
+    a, b = canonical.score(rollout).logprobs.sum(1), marginal.score(rollout).logprobs.sum(1)
+    assert ended.any() and (~ended).any()
+    torch.testing.assert_close(b[ended], a[ended], atol=1e-4, rtol=0)
+    assert (b[~ended] >= a[~ended] - 1e-4).all()
+
+
 def test_training_with_a_pair_teacher_lowers_the_held_out_reverse_kl(tmp_path, models, capfd):
     pair_teacher, _, student = models
     config = tiny_config(tmp_path, pair_teacher, student, run={"steps": 10, "eval_every": 5, "save_every": 10})
@@ -192,7 +222,9 @@ def test_a_served_pair_teacher_with_a_local_tokenizer_gives_the_local_trajectory
     server = Running(pair_teacher)
     try:
         sections = {"run": {"steps": 2, "eval_every": 2, "save_every": 2}}
-        local_run = train(from_dict(TrainConfig, tiny_config(tmp_path / "local", pair_teacher, student, **sections)))
+        local = tiny_config(tmp_path / "local", pair_teacher, student, **sections)
+        local["teacher"]["span_logprob"] = "canonical"  # what a served teacher gives (auto: marginal in-process)
+        local_run = train(from_dict(TrainConfig, local))
         remote = tiny_config(tmp_path / "remote", pair_teacher, student, **sections)
         remote["teacher"].update(url=server.url, model=str(pair_teacher), tokenizer=str(pair_teacher))
         remote_run = train(from_dict(TrainConfig, remote))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from reopold.core import logprobs_and_entropy, logprobs_from_hidden
+from reopold.core.marginal import logprobs_and_cover
 from reopold.rollout import Rollout
 
 
@@ -57,22 +58,26 @@ class TokenScorer(torch.nn.Module):
         return getattr(self.lm, "_no_split_modules", None)
 
     def forward(self, rollout: Rollout | None = None, with_entropy: bool = True, return_logits: bool = False,
-                generate: dict | None = None):
+                generate: dict | None = None, cover=None):
         """(logprobs (B, T), entropy (B, T) or None) of the response tokens; with ``return_logits`` the full
         (B, T, V) next-token logits at the response positions instead (for GKD).
 
         ``generate``: keyword arguments for ``self.lm.generate``, whose output is returned instead. Generation of
         a sharded (FSDP) student must run inside the root module's forward, where its weights are gathered (see
         reopold.train.distributed).
+
+        ``cover``: ``reopold.core.marginal.Extensions`` of the model's vocabulary: (logprobs, cover) instead, the
+        cover being the log-prob that the next token spells at least the given token's bytes (a teacher of another
+        tokenizer than the student's, docs/cross_tokenizer.md).
         """
         if generate is not None:
             return self.lm.generate(**generate)
-        out = self._score(rollout, with_entropy, return_logits)
+        out = self._score(rollout, with_entropy, return_logits, cover)
         if not _is_fsdp2(self):  # the copies (GKD: response logits) are only for FSDP2's hooks
             return out
         return tuple(_owned(t) for t in out) if isinstance(out, tuple) else _owned(out)
 
-    def _score(self, rollout: Rollout, with_entropy: bool, return_logits: bool):
+    def _score(self, rollout: Rollout, with_entropy: bool, return_logits: bool, cover=None):
         start, end = rollout.prompt_length - 1, rollout.input_ids.shape[1] - 1  # positions that predict responses
         tokens = rollout.completion_ids  # (B, T)
         inputs = {
@@ -94,11 +99,16 @@ class TokenScorer(torch.nn.Module):
             backbone = multimodal_backbone(self.lm) if rollout.images is not None else self.lm.get_decoder()
             hidden = backbone(**inputs).last_hidden_state[:, start:end]  # (B, T, D)
             head = self.lm.get_output_embeddings()
+            if cover is not None:
+                return logprobs_and_cover(hidden, tokens, cover, temperature=self.temperature,
+                                          chunk_size=self.chunk_size, head_weight=head.weight, head_bias=head.bias)
             return logprobs_from_hidden(
                 hidden, head.weight, tokens, temperature=self.temperature, chunk_size=self.chunk_size,
                 with_entropy=with_entropy, lm_head_bias=head.bias,
             )  # fmt: skip
         logits = self.lm(**inputs).logits[:, start:end]  # (B, T, V)
+        if cover is not None:
+            return logprobs_and_cover(logits, tokens, cover, temperature=self.temperature, chunk_size=self.chunk_size)
         return logprobs_and_entropy(
             logits, tokens, temperature=self.temperature, chunk_size=self.chunk_size, with_entropy=with_entropy
         )

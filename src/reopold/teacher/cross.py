@@ -22,6 +22,7 @@ import functools
 
 import torch
 
+from reopold.core.marginal import extensions, marginal_span_sums
 from reopold.core.spans import (
     SpanAlignment,
     align_spans,
@@ -176,10 +177,17 @@ class CrossTokenizerTeacher:
         teacher_tokenizer: the teacher's (fast) tokenizer.
         student_tokenizer: the student's tokenizer (its sampled tokens' bytes, its EOS).
         encode: problem prompt -> the teacher's prompt ids (``PromptEncoder(teacher_tokenizer, ...)``).
+        marginal: read each span's teacher log-prob as the probability of its text, marginalised over the teacher
+            tokens that cross the span's end (``reopold.core.marginal``); needs ``inner.logprobs_and_cover`` (a
+            teacher in this process). False: the teacher's canonical cut as it is.
     """
 
-    def __init__(self, inner, teacher_tokenizer, student_tokenizer, encode):
+    def __init__(self, inner, teacher_tokenizer, student_tokenizer, encode, *, marginal: bool = False):
+        if marginal and not hasattr(inner, "logprobs_and_cover"):
+            raise ValueError("marginal span log-probs need the teacher's full next-token distribution, which a served "
+                             "teacher does not return: set teacher.span_logprob: canonical")
         self.inner = inner
+        self.extensions = extensions(token_bytes(teacher_tokenizer)) if marginal else None
         self.tokenizer = teacher_tokenizer
         self.encode = encode
         self.student_bytes = token_bytes(student_tokenizer)
@@ -245,10 +253,13 @@ class CrossTokenizerTeacher:
     @torch.no_grad()
     def score(self, rollout: Rollout) -> SpanScores:
         alignment, teacher_rollout = self.align(rollout)
-        teacher_logprobs = self.inner.logprobs(teacher_rollout).float().cpu()  # (B, Tt)
         width = alignment.teacher_spans.shape[1]
-        teacher_logprobs = torch.nn.functional.pad(teacher_logprobs, (0, max(0, width - teacher_logprobs.shape[1])))
-        on_student = teacher_span_sums(teacher_logprobs[:, :width], alignment)  # (B, T)
+        fit = lambda t: torch.nn.functional.pad(t.float().cpu(), (0, max(0, width - t.shape[1])))[:, :width]  # (B, Tt)
+        if self.extensions is None:
+            on_student = teacher_span_sums(fit(self.inner.logprobs(teacher_rollout)), alignment)  # (B, T)
+        else:
+            logprobs, cover = self.inner.logprobs_and_cover(teacher_rollout, self.extensions)
+            on_student = marginal_span_sums(fit(logprobs), fit(cover), alignment)
         penalty = self.unwritable(rollout).float() * UNWRITABLE_LOGPROB  # (B, T)
         on_student = on_student + student_span_sums(penalty, alignment)  # on the span ends of the spans they join
         device = rollout.input_ids.device

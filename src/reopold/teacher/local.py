@@ -21,15 +21,26 @@ class LocalTeacher:
         """One tokenizer: the token log-probs, no span alignment."""
         return SpanScores(self.logprobs(rollout), None)
 
+    @torch.no_grad()
     def logprobs(self, rollout: Rollout) -> torch.Tensor:
+        return self._batched(rollout, with_entropy=False)[0]  # (B, T)
+
+    @torch.no_grad()
+    def logprobs_and_cover(self, rollout: Rollout, table) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) log-probs of the rollout's tokens and their covers (``reopold.core.marginal``; ``table``: the
+        ``extensions`` of this teacher's vocabulary)."""
+        return self._batched(rollout, cover=table)
+
+    def _batched(self, rollout: Rollout, **options) -> tuple[torch.Tensor, ...]:
         device = next(self.scorer.parameters()).device
+        width = rollout.completion_mask.shape[1]
         parts = []
         for start in range(0, len(rollout), self.micro_batch_size):
             rows = list(range(start, min(start + self.micro_batch_size, len(rollout))))
-            part = rollout.select(rows).to(device)
-            logprobs, _ = self.scorer(part, with_entropy=False)
-            parts.append(torch.nn.functional.pad(logprobs, (0, rollout.completion_mask.shape[1] - logprobs.shape[1])))
-        return torch.cat(parts).to(rollout.input_ids.device)  # (B, T)
+            out = self.scorer(rollout.select(rows).to(device), **options)
+            parts.append([None if t is None else torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in out])
+        return tuple(None if part[0] is None else torch.cat(part).to(rollout.input_ids.device)
+                     for part in zip(*parts, strict=True))
 
     @torch.no_grad()
     def logits(self, rollout: Rollout, vocab_size: int | None = None) -> torch.Tensor:

@@ -75,8 +75,17 @@ def describe(plan: TeacherPlan, student_tokenizer) -> str:
     where = f"{plan.key} ({plan.spec.model}{' at ' + plan.spec.url if plan.spec.url else ''})"
     if plan.mode == EXACT:
         return f"{where}: the student's vocabulary: exact token rewards (Eq. 3)"
+    reading = ("the probability of each span's text (marginal)" if marginal_spans(plan.spec) else
+               "the teacher's own cut (canonical)")
     return (f"{where}: another tokenizer ({len(plan.tokenizer)} vs the student's {len(student_tokenizer)} tokens): "
-            "span alignment, rewards per span of the same bytes (docs/cross_tokenizer.md)")
+            f"span alignment, rewards per span of the same bytes, teacher log-probs read as {reading} "
+            "(docs/cross_tokenizer.md)")
+
+
+def marginal_spans(spec: TeacherConfig) -> bool:
+    """teacher.span_logprob resolved: marginal (the span's text) unless canonical was asked for or, on auto, the
+    teacher is served (a server returns no full distributions)."""
+    return spec.span_logprob == "marginal" or (spec.span_logprob == "auto" and spec.url is None)
 
 
 def _check_spans(config: TrainConfig, key: str, student_tokenizer, teacher_tokenizer, student_name: str,
@@ -96,6 +105,10 @@ def _check_spans(config: TrainConfig, key: str, student_tokenizer, teacher_token
             "reopold does not do (the student would learn a tokenisation it never samples). Use reopold, rkl or "
             "rkl_sg (on-policy span rewards), or a teacher with the student's vocabulary."
         )
+    spec = config.teacher_specs()[key]
+    if spec.span_logprob == "marginal" and spec.url is not None:
+        raise ValueError(f"{key}.span_logprob=marginal needs the teacher's full next-token distribution, which a "
+                         f"served teacher ({spec.url}) does not return: set {key}.span_logprob: canonical (or auto)")
     table = token_bytes(student_tokenizer)
     check_token_bytes(student_tokenizer, table, student_name)
     check_offsets(teacher_tokenizer, teacher_name, probe_text(table))
@@ -158,8 +171,8 @@ def build_teachers(config: TrainConfig, plans: list[TeacherPlan], student_tokeni
                 engine = HFRolloutEngine(lm, student_tokenizer, max_new_tokens=config.rollout.max_new_tokens,
                                          temperature=config.rollout.temperature, **vision_options(encode))
                 engine = engine if episodes is None else episodes.wrap(engine, student_tokenizer)
-        built[plan.name] = inner if plan.mode == EXACT else CrossTokenizerTeacher(inner, plan.tokenizer,
-                                                                                   student_tokenizer, encode)
+        built[plan.name] = inner if plan.mode == EXACT else CrossTokenizerTeacher(
+            inner, plan.tokenizer, student_tokenizer, encode, marginal=marginal_spans(spec))
     if not config.teachers:
         return built[SINGLE], engine
     return RoutedTeacher(built, route), None
