@@ -158,8 +158,9 @@ def test_marginal_span_log_probs_of_a_pair_teacher(models):
     table = token_bytes(PAIRS)
     ids = teacher_rollout.completion_ids
     for i, t in mask.nonzero().tolist()[:40]:
-        piece = table[int(ids[i, t])]
-        members = [u for u, other in enumerate(table) if other and other.startswith(piece)] if piece else [int(ids[i, t])]
+        token = int(ids[i, t])
+        piece = table[token]
+        members = [u for u, other in enumerate(table) if other and other.startswith(piece)] if piece else [token]
         assert cover[i, t].item() == pytest.approx(float(full[i, t, members].logsumexp(0)), abs=1e-4)
     assert (cover[mask] >= logprobs[mask] - 1e-6).all() and (cover[mask] > logprobs[mask] + 1e-3).any()
     ended = torch.tensor([bool(rollout.completion_ids[i][rollout.completion_mask[i]][-1] == CHARS.eos_token_id)
