@@ -218,19 +218,24 @@ def test_student_token_bytes_spell_its_text():
     assert b"".join(table[i] for i in ids) == b"347*26=1;2"  # EOS has no bytes
 
 
-def test_a_served_pair_teacher_with_a_local_tokenizer_gives_the_local_trajectory(tmp_path, models):
+@pytest.mark.parametrize("reading", ["auto", "canonical"])
+def test_a_served_pair_teacher_with_a_local_tokenizer_gives_the_local_trajectory(tmp_path, models, reading, capfd):
+    """reopold serve-teacher returns covers, so auto reads spans as marginal on both sides (and canonical too)."""
     pair_teacher, _, student = models
     server = Running(pair_teacher)
     try:
         sections = {"run": {"steps": 2, "eval_every": 2, "save_every": 2}}
         local = tiny_config(tmp_path / "local", pair_teacher, student, **sections)
-        local["teacher"]["span_logprob"] = "canonical"  # what a served teacher gives (auto: marginal in-process)
+        local["teacher"]["span_logprob"] = reading
         local_run = train(from_dict(TrainConfig, local))
         remote = tiny_config(tmp_path / "remote", pair_teacher, student, **sections)
-        remote["teacher"].update(url=server.url, model=str(pair_teacher), tokenizer=str(pair_teacher))
+        remote["teacher"].update(url=server.url, model=str(pair_teacher), tokenizer=str(pair_teacher),
+                                 span_logprob=reading)
         remote_run = train(from_dict(TrainConfig, remote))
     finally:
         server.close()
+    word = "marginal" if reading == "auto" else "canonical"
+    assert capfd.readouterr().err.count(f"({word})") == 2  # both runs' pre-flight lines
     read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(read(local_run), read(remote_run), strict=True):
         for key in ("reward_mean", "reverse_kl", "multi_token_span_frac", "accuracy", "loss"):
@@ -315,3 +320,21 @@ def test_token_credit_trains_per_token_and_lowers_the_held_out_reverse_kl(tmp_pa
     assert evals[-1]["reverse_kl"] < 0.85 * evals[0]["reverse_kl"], [e["reverse_kl"] for e in evals]
     # Graded per student token: the span metrics are gone, every step's loss is finite.
     assert all("multi_token_span_frac" not in r and math.isfinite(r["loss"]) for r in steps)
+
+
+def test_span_reading_of_a_server_without_covers():
+    """auto falls back to the teacher's own cut on a server that returns no covers (vLLM); an explicit marginal is
+    refused before training, with the setting that works."""
+    from reopold.config.schema import TeacherConfig
+    from reopold.train.teachers import _marginal
+
+    class NoCovers:
+        def supports_cover(self):
+            return False
+
+    spec = lambda reading: TeacherConfig(url="http://127.0.0.1:9", span_logprob=reading)
+    assert _marginal("teacher", spec("auto"), NoCovers()) is False
+    assert _marginal("teacher", spec("canonical"), NoCovers()) is False
+    assert _marginal("teacher", spec("auto"), None) is True  # a teacher in this process
+    with pytest.raises(ValueError, match="teacher.span_logprob: canonical"):
+        _marginal("teacher", spec("marginal"), NoCovers())

@@ -59,9 +59,9 @@ class TeacherConfig:
                                    "differs from the student's (span alignment, docs/cross_tokenizer.md)")
     span_logprob: str = option("auto", "a teacher of another tokenizer: how a span's teacher log-prob is read. "
                                "marginal: the probability of the span's text, summed over the teacher tokens that "
-                               "cross its end (needs the full distribution: a teacher in this process); canonical: "
-                               "the teacher's own cut, whose last token also bets on where the next token starts; "
-                               "auto: marginal in this process, canonical for a served teacher",
+                               "cross its end (needs the full distribution: a teacher in this process or reopold "
+                               "serve-teacher); canonical: the teacher's own cut, whose last token also bets on where "
+                               "the next token starts; auto: marginal where available (not vLLM), else canonical",
                                choices=("auto", "marginal", "canonical"))
 
 

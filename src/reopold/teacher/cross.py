@@ -178,14 +178,11 @@ class CrossTokenizerTeacher:
         student_tokenizer: the student's tokenizer (its sampled tokens' bytes, its EOS).
         encode: problem prompt -> the teacher's prompt ids (``PromptEncoder(teacher_tokenizer, ...)``).
         marginal: read each span's teacher log-prob as the probability of its text, marginalised over the teacher
-            tokens that cross the span's end (``reopold.core.marginal``); needs ``inner.logprobs_and_cover`` (a
-            teacher in this process). False: the teacher's canonical cut as it is.
+            tokens that cross the span's end (``reopold.core.marginal``) with ``inner.logprobs_and_cover`` (a teacher
+            in this process, or ``reopold serve-teacher``). False: the teacher's canonical cut as it is.
     """
 
     def __init__(self, inner, teacher_tokenizer, student_tokenizer, encode, *, marginal: bool = False):
-        if marginal and not hasattr(inner, "logprobs_and_cover"):
-            raise ValueError("marginal span log-probs need the teacher's full next-token distribution, which a served "
-                             "teacher does not return: set teacher.span_logprob: canonical")
         self.inner = inner
         self.extensions = extensions(token_bytes(teacher_tokenizer)) if marginal else None
         self.tokenizer = teacher_tokenizer

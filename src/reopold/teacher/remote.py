@@ -64,6 +64,24 @@ class RemoteTeacher:
         removed), so the server scores exactly the sequence the student produced. Positions outside
         ``completion_mask`` hold 0.0; rows with no response token are not sent.
         """
+        return self._score_rows(rollout, cover=False)[0]
+
+    def logprobs_and_cover(self, rollout: Rollout, table=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) log-probs and covers (``reopold.core.marginal``), computed by the server with its own tokenizer
+        (``table`` is not sent: pre-flight checked that the local copy tokenises as the server). Only ``reopold
+        serve-teacher`` returns covers (``supports_cover``)."""
+        return self._score_rows(rollout, cover=True)
+
+    def supports_cover(self) -> bool:
+        """Whether the server returns covers (``reopold serve-teacher`` does; vLLM does not)."""
+        try:
+            entries = self._prompt_logprobs([[0, 0]], cover=True)
+        except TeacherUnavailable:
+            return False
+        return isinstance(entries[0][1], dict) and all(isinstance(v, dict) and "cover" in v
+                                                       for v in entries[0][1].values())
+
+    def _score_rows(self, rollout: Rollout, cover: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         prompt_length = rollout.prompt_length
         rows, sequences, masks = [], [], []
         for i in range(len(rollout)):
@@ -77,14 +95,18 @@ class RemoteTeacher:
             sequences.append(prompt.tolist() + response.tolist())
             masks.append(rollout.completion_mask[i].cpu())
         out = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32)  # (B, T)
+        covers = torch.zeros_like(out) if cover else None
         for start in range(0, len(sequences), self.batch_size):
             batch = sequences[start : start + self.batch_size]
-            for k, entries in enumerate(self._prompt_logprobs(batch)):
+            for k, entries in enumerate(self._prompt_logprobs(batch, cover)):
                 row, sequence, mask = rows[start + k], batch[k], masks[start + k]
                 first = len(sequence) - int(mask.sum())  # index of the first response token in the sequence
-                values = [self._logprob(entries, j, sequence[j]) for j in range(first, len(sequence))]
-                out[row, mask] = torch.tensor(values, dtype=torch.float32)
-        return out.to(rollout.input_ids.device)
+                values = [self._logprob(entries, j, sequence[j], cover) for j in range(first, len(sequence))]
+                out[row, mask] = torch.tensor([v[0] for v in values], dtype=torch.float32)
+                if cover:
+                    covers[row, mask] = torch.tensor([v[1] for v in values], dtype=torch.float32)
+        device = rollout.input_ids.device
+        return out.to(device), None if covers is None else covers.to(device)
 
     def logits(self, rollout: Rollout, vocab_size: int | None = None) -> torch.Tensor:
         raise NotImplementedError(
@@ -115,12 +137,14 @@ class RemoteTeacher:
         return local
 
     # ---- HTTP ------------------------------------------------------------------------------------------------
-    def _prompt_logprobs(self, batch: list[list[int]]) -> list[list]:
+    def _prompt_logprobs(self, batch: list[list[int]], cover: bool = False) -> list[list]:
         """The ``prompt_logprobs`` list of each sequence of the batch, in order."""
         body = {
             "model": self.model, "prompt": batch, "echo": True, "max_tokens": 0, "prompt_logprobs": 0,
             "temperature": 1.0, "top_p": 1.0, "top_k": -1,
         }  # fmt: skip
+        if cover:
+            body["reopold_cover"] = True
         reply = self._call("/v1/completions", body)
         choices = reply.get("choices") if isinstance(reply, dict) else None
         if not isinstance(choices, list) or len(choices) != len(batch):
@@ -136,12 +160,18 @@ class RemoteTeacher:
                 )
         return entries
 
-    def _logprob(self, entries: list, position: int, token: int) -> float:
+    def _logprob(self, entries: list, position: int, token: int, cover: bool = False) -> tuple[float, float | None]:
         entry = entries[position]
         item = entry.get(str(token)) if isinstance(entry, dict) else None
         if item is None:
             raise TeacherUnavailable(f"{self.base_url} returned no log-prob for token {token} at position {position}")
-        return float(item["logprob"] if isinstance(item, dict) else item)
+        logprob = float(item["logprob"] if isinstance(item, dict) else item)
+        if not cover:
+            return logprob, None
+        if not (isinstance(item, dict) and "cover" in item):
+            raise TeacherUnavailable(f"{self.base_url} returned no 'cover' with its log-probs: only reopold "
+                                     "serve-teacher does; set teacher.span_logprob: canonical for this server")
+        return logprob, float(item["cover"])
 
     def _call(self, path: str, body: dict) -> dict:
         """POST ``body`` as JSON; retry connection failures, timeouts and 408/429/5xx with exponential backoff."""

@@ -6,7 +6,10 @@ Endpoints (request and response fields as vLLM names them; see reopold.teacher.r
     POST /v1/completions  token-id prompts, ``echo: true``, ``max_tokens: 0``, ``prompt_logprobs: 0``: each choice's
                           ``prompt_logprobs`` is ``[null, {"<id>": {"logprob", "rank": null, "decoded_token": null}},
                           ...]``, the log-prob of every prompt token after the first at temperature 1. Nothing is
-                          generated; sampling fields (temperature, top_p, ...) are accepted and ignored.
+                          generated; sampling fields (temperature, top_p, ...) are accepted and ignored. With
+                          ``reopold_cover: true`` (reopold's extension) each entry also holds ``cover``: the log-prob
+                          that the next token spells at least that token's bytes (``reopold.core.marginal``), for a
+                          client whose student has another tokenizer (docs/cross_tokenizer.md).
     POST /tokenize        ``{"prompt": str, "add_special_tokens": bool}`` -> ``{"count", "max_model_len", "tokens",
                           "token_strs"}``
     GET  /v1/models       ``{"object": "list", "data": [{"id", "object": "model", "owned_by", "max_model_len"}]}``
@@ -26,6 +29,7 @@ There is no TLS: the default host is loopback; on a shared network put it behind
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import os
@@ -77,11 +81,21 @@ class ServedModel:
         self.device = next(lm.parameters()).device
         self.lock = threading.Lock()
 
+    @functools.cached_property
+    def extensions(self):
+        """The tokens that extend each token's bytes (``reopold.core.marginal``), built on the first cover request."""
+        from reopold.core.marginal import extensions
+        from reopold.teacher.cross import token_bytes
+
+        return extensions(token_bytes(self.tokenizer))
+
     @torch.no_grad()
-    def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
-        """log p(x_j | x_<j) for j = 1 .. len - 1 of every sequence, scored micro-batch by micro-batch."""
+    def prompt_logprobs(self, sequences: list[list[int]], cover: bool = False) -> list[list]:
+        """log p(x_j | x_<j) for j = 1 .. len - 1 of every sequence, scored micro-batch by micro-batch; with
+        ``cover`` a (logprob, cover) pair per token."""
+        table = self.extensions if cover else None
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths share a forward
-        out: list[list[float]] = [[] for _ in sequences]
+        out: list[list] = [[] for _ in sequences]
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(order), self.micro_batch_size):
             rows = order[start : start + self.micro_batch_size]
@@ -95,22 +109,24 @@ class ServedModel:
             # the way LocalTeacher does (same lm-head handling, chunked over the vocabulary).
             batch = Rollout(ids, attention, attention[:, 1:].bool(), prompt_length=1).to(self.device)
             with self.lock:  # per micro-batch: concurrent requests take turns
-                logprobs, _ = self.scorer(batch, with_entropy=False)  # (b, L - 1)
+                logprobs, covers = self.scorer(batch, with_entropy=False, cover=table)  # (b, L - 1) each
             for k, i in enumerate(rows):
-                out[i] = logprobs[k, : len(sequences[i]) - 1].float().cpu().tolist()
+                values = logprobs[k, : len(sequences[i]) - 1].float().cpu().tolist()
+                out[i] = values if table is None else list(zip(values, covers[k, : len(values)].float().cpu().tolist(),
+                                                               strict=True))
         return out
 
     def completions(self, body) -> dict:
         sequences = self._parse_completion(body)
-        logprobs = self.prompt_logprobs(sequences)
+        cover = body.get("reopold_cover", False)
+        if not isinstance(cover, bool):
+            raise RequestError("reopold_cover must be true or false", param="reopold_cover")
+        logprobs = self.prompt_logprobs(sequences, cover)
         with self.lock:  # a fast tokenizer is not safe to share between threads
             texts = [self.tokenizer.decode(sequence) for sequence in sequences]
         choices = []
         for index, (sequence, values, text) in enumerate(zip(sequences, logprobs, texts, strict=True)):
-            entries = [None] + [
-                {str(token): {"logprob": max(value, -9999.0), "rank": None, "decoded_token": None}}  # vLLM clamps -inf
-                for token, value in zip(sequence[1:], values, strict=True)
-            ]
+            entries = [None] + [{str(token): _entry(value)} for token, value in zip(sequence[1:], values, strict=True)]
             choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": "length",
                             "stop_reason": None, "prompt_logprobs": entries})
         prompt_tokens = sum(map(len, sequences))
@@ -190,6 +206,15 @@ class ServedModel:
                 raise RequestError(f"prompt {i} has {len(sequence)} tokens, more than max_model_len "
                                    f"{self.max_model_len}", param="prompt")
         return prompt
+
+
+def _entry(value) -> dict:
+    """One prompt_logprobs entry: a log-prob, or a (log-prob, cover) pair. -inf is clamped, as vLLM does."""
+    logprob, cover = value if isinstance(value, tuple) else (value, None)
+    entry = {"logprob": max(logprob, -9999.0), "rank": None, "decoded_token": None}
+    if cover is not None:
+        entry["cover"] = max(cover, -9999.0)
+    return entry
 
 
 class TeacherHTTPServer(HTTPServer):

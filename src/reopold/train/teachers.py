@@ -45,6 +45,7 @@ class TeacherPlan:
     tokenizer: Any  # the teacher's own tokenizer (the student's for a served teacher checked against it)
     mode: str  # EXACT (the student's vocabulary) or SPANS (another tokenizer: span alignment)
     remote: RemoteTeacher | None = None  # a served teacher, checked and ready
+    marginal: bool = False  # SPANS: span log-probs of the text (core.marginal), not of the teacher's own cut
 
 
 def plan_teachers(config: TrainConfig, student_tokenizer, student_name: str) -> list[TeacherPlan]:
@@ -66,7 +67,8 @@ def plan_teachers(config: TrainConfig, student_tokenizer, student_name: str) -> 
             _check_spans(config, key, student_tokenizer, tokenizer, student_name, tokenizer_name)
         if remote is not None:
             remote.check_tokenizer(tokenizer)  # the local copy tokenises as the server does
-        plans.append(TeacherPlan(name, key, spec, tokenizer, mode, remote))
+        marginal = mode == SPANS and _marginal(key, spec, remote)
+        plans.append(TeacherPlan(name, key, spec, tokenizer, mode, remote, marginal))
     return plans
 
 
@@ -75,17 +77,26 @@ def describe(plan: TeacherPlan, student_tokenizer) -> str:
     where = f"{plan.key} ({plan.spec.model}{' at ' + plan.spec.url if plan.spec.url else ''})"
     if plan.mode == EXACT:
         return f"{where}: the student's vocabulary: exact token rewards (Eq. 3)"
-    reading = ("the probability of each span's text (marginal)" if marginal_spans(plan.spec) else
+    reading = ("the probability of each span's text (marginal)" if plan.marginal else
                "the teacher's own cut (canonical)")
     return (f"{where}: another tokenizer ({len(plan.tokenizer)} vs the student's {len(student_tokenizer)} tokens): "
             f"span alignment, rewards per span of the same bytes, teacher log-probs read as {reading} "
             "(docs/cross_tokenizer.md)")
 
 
-def marginal_spans(spec: TeacherConfig) -> bool:
-    """teacher.span_logprob resolved: marginal (the span's text) unless canonical was asked for or, on auto, the
-    teacher is served (a server returns no full distributions)."""
-    return spec.span_logprob == "marginal" or (spec.span_logprob == "auto" and spec.url is None)
+def _marginal(key: str, spec: TeacherConfig, remote: RemoteTeacher | None) -> bool:
+    """teacher.span_logprob resolved: marginal (the probability of each span's text) needs the teacher's full
+    next-token distribution, so a served teacher gives it only when the server returns covers (reopold
+    serve-teacher does, vLLM does not); auto falls back to canonical there, an explicit marginal is refused."""
+    if spec.span_logprob == "canonical":
+        return False
+    if remote is None or remote.supports_cover():
+        return True
+    if spec.span_logprob == "marginal":
+        raise ValueError(f"{key}.span_logprob=marginal needs covers (the teacher's full next-token distribution), "
+                         f"which the server at {spec.url} does not return (reopold serve-teacher does; vLLM does "
+                         f"not): set {key}.span_logprob: canonical (or auto)")
+    return False
 
 
 def _check_spans(config: TrainConfig, key: str, student_tokenizer, teacher_tokenizer, student_name: str,
@@ -105,10 +116,6 @@ def _check_spans(config: TrainConfig, key: str, student_tokenizer, teacher_token
             "reopold does not do (the student would learn a tokenisation it never samples). Use reopold, rkl or "
             "rkl_sg (on-policy span rewards), or a teacher with the student's vocabulary."
         )
-    spec = config.teacher_specs()[key]
-    if spec.span_logprob == "marginal" and spec.url is not None:
-        raise ValueError(f"{key}.span_logprob=marginal needs the teacher's full next-token distribution, which a "
-                         f"served teacher ({spec.url}) does not return: set {key}.span_logprob: canonical (or auto)")
     table = token_bytes(student_tokenizer)
     check_token_bytes(student_tokenizer, table, student_name)
     check_offsets(teacher_tokenizer, teacher_name, probe_text(table))
@@ -172,7 +179,7 @@ def build_teachers(config: TrainConfig, plans: list[TeacherPlan], student_tokeni
                                          temperature=config.rollout.temperature, **vision_options(encode))
                 engine = engine if episodes is None else episodes.wrap(engine, student_tokenizer)
         built[plan.name] = inner if plan.mode == EXACT else CrossTokenizerTeacher(
-            inner, plan.tokenizer, student_tokenizer, encode, marginal=marginal_spans(spec))
+            inner, plan.tokenizer, student_tokenizer, encode, marginal=plan.marginal)
     if not config.teachers:
         return built[SINGLE], engine
     return RoutedTeacher(built, route), None
