@@ -169,3 +169,15 @@ def test_with_nothing_to_extend_it_is_the_canonical_span_sum_bit_for_bit():
     rng = random.Random(4)
     s_lp, t_lp, cover, alignment, _ = batch(model, [(random_text(rng, 9), True) for _ in range(6)])
     assert torch.equal(marginal_span_sums(t_lp, t_lp.clone(), alignment), teacher_span_sums(t_lp, alignment))
+
+
+def test_cover_in_bounded_pieces_equals_cover_at_once(monkeypatch):
+    import reopold.core.marginal as marginal
+
+    table = extensions([t.encode() for t in TEACHER] + [b""])
+    g = torch.Generator().manual_seed(5)
+    logprobs = torch.randn(50, len(TEACHER) + 1, generator=g, dtype=F64).log_softmax(-1)
+    tokens = torch.randint(len(TEACHER) + 1, (50,), generator=g)
+    whole = cover_logprobs(logprobs, tokens, table)
+    monkeypatch.setattr(marginal, "MAX_PAIRS", 7)  # a few rows at a time (digits have 4 extensions each)
+    assert torch.equal(cover_logprobs(logprobs, tokens, table), whole)

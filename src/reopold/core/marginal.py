@@ -37,6 +37,9 @@ from reopold.core._checks import check_same_shape
 from reopold.core.spans import SpanAlignment, _on_span_ends, _span_totals, teacher_span_sums
 
 
+MAX_PAIRS = 1 << 24  # (row, extension) pairs gathered at once by cover_logprobs (about 400 MB of indices)
+
+
 class Extensions(NamedTuple):
     """For every token id, the ids whose bytes start with its bytes (itself included): ``order[start[t]:stop[t]]``.
 
@@ -85,8 +88,17 @@ def cover_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, table: Extensio
                          f"{tuple(tokens.shape)}")
     device = logprobs.device
     order, start, stop = (t.to(device) for t in table)
-    first, last = start[tokens], stop[tokens]  # (N,)
-    counts = last - first
+    counts = stop[tokens] - start[tokens]  # (N,) extensions per row: up to a large share of a BPE vocabulary
+    ends = counts.cumsum(0)
+    if len(tokens) > 1 and int(ends[-1]) > MAX_PAIRS:  # bound the (row, extension) pairs held at once
+        cut = max(1, int(torch.searchsorted(ends, torch.tensor(MAX_PAIRS, device=device), right=True)))
+        return torch.cat([cover_logprobs(logprobs[:cut], tokens[:cut], table),
+                          cover_logprobs(logprobs[cut:], tokens[cut:], table)])
+    return _cover(logprobs, tokens, order, start[tokens], counts)
+
+
+def _cover(logprobs, tokens, order, first, counts) -> torch.Tensor:
+    device = logprobs.device
     rows = torch.repeat_interleave(torch.arange(len(tokens), device=device), counts)  # (P,) one per (row, extension)
     offsets = torch.arange(rows.numel(), device=device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
     columns = order[torch.repeat_interleave(first, counts) + offsets]
