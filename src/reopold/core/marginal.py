@@ -36,7 +36,6 @@ import torch
 from reopold.core._checks import check_same_shape
 from reopold.core.spans import SpanAlignment, _on_span_ends, _span_totals, teacher_span_sums
 
-
 MAX_PAIRS = 1 << 24  # (row, extension) pairs gathered at once by cover_logprobs (about 400 MB of indices)
 
 
