@@ -119,3 +119,16 @@ def test_mismatched_pair_loads_shares_the_vocabulary_and_answers_in_its_own_styl
     second = [p.prompt[:-1].split("*")[1] + "*" for p in problems]
     assert sum(t.startswith(f) for t, f in zip(t_texts, first, strict=True)) >= 0.95 * len(problems)
     assert sum(s.startswith(f) for s, f in zip(s_texts, second, strict=True)) >= 0.95 * len(problems)
+
+
+def test_styles_classify_the_paths_by_the_factor_kept(task):
+    sys.path.insert(0, str(MISMATCH))
+    from styles import style_of
+
+    for problem in task.problems("test", 50):
+        a, b = problem.prompt.rstrip("=").split("*")
+        if a == b:
+            continue
+        for index, path in enumerate(PATHS):
+            assert style_of(problem.prompt, task.solution(problem, path=path)) == ("teacher" if index < 2 else "student")
+        assert style_of(problem.prompt, a + "0*" + b[0] + "=1;") == "other"  # a factor with a digit added
