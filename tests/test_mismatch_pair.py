@@ -130,5 +130,6 @@ def test_styles_classify_the_paths_by_the_factor_kept(task):
         if a == b:
             continue
         for index, path in enumerate(PATHS):
-            assert style_of(problem.prompt, task.solution(problem, path=path)) == ("teacher" if index < 2 else "student")
+            expected = "teacher" if index < 2 else "student"
+            assert style_of(problem.prompt, task.solution(problem, path=path)) == expected
         assert style_of(problem.prompt, a + "0*" + b[0] + "=1;") == "other"  # a factor with a digit added
