@@ -34,11 +34,9 @@ def samples_of(path: Path, num_problems: int) -> Path:
     """``path`` if it is a samples.jsonl; else a run folder, evaluated greedily at its latest checkpoint."""
     if path.is_file():
         return path
-    checkpoint = path / "checkpoints" / "latest"
-    checkpoint = checkpoint.resolve() if checkpoint.exists() else sorted((path / "checkpoints").glob("step-*"))[-1]
-    out = path / f"styles-{checkpoint.name}"
-    if not (out / "samples.jsonl").exists():
-        subprocess.run([sys.executable, "-m", "reopold", "eval", str(checkpoint), "--temperature", "0", "--n", "1",
+    out = path / "styles"
+    if not (out / "samples.jsonl").exists():  # reopold eval takes a run folder at its latest checkpoint
+        subprocess.run([sys.executable, "-m", "reopold", "eval", str(path), "--temperature", "0", "--n", "1",
                         "--num-problems", str(num_problems), "--out", str(out)], check=True,
                        stdout=subprocess.DEVNULL)
     return out / "samples.jsonl"
