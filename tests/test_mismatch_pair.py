@@ -133,3 +133,20 @@ def test_styles_classify_the_paths_by_the_factor_kept(task):
             expected = "teacher" if index < 2 else "student"
             assert style_of(problem.prompt, task.solution(problem, path=path)) == expected
         assert style_of(problem.prompt, a + "0*" + b[0] + "=1;") == "other"  # a factor with a digit added
+
+
+def test_the_mismatch_benchmark_runs_quick(tmp_path, monkeypatch):
+    """`reopold benchmark --config benchmarks/mismatch/config.yaml --quick`: the shipped pair through the sweep's
+    pipeline (two methods, two steps); the full sweep runs outside CI (docs/results.md)."""
+    import json
+
+    from reopold.cli import main
+
+    monkeypatch.chdir(ROOT)  # the config names its models relative to the repository root
+    out = tmp_path / "out"
+    assert main(["benchmark", "--config", "benchmarks/mismatch/config.yaml", "--quick", "--jobs", "1",
+                 "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert set(data["methods"]) == {"reopold", "rkl"} and data["failed"] == []
+    start = data["methods"]["reopold"]["accuracy_curve"][0]["mean"]
+    assert 0.0 < start < 0.6  # the shipped student, far below its teacher
