@@ -130,3 +130,11 @@ def test_tag_format():
     assert parse_tool_call("[calc(oops)]") == "oops"  # parsed; calc then refuses it
     assert parse_tool_call("[calc(47*86)]:4042") is None
     assert parse_tool_call("[calc(47*86") is None
+
+
+def test_episodic_tasks_are_recognised_by_the_protocol(task):
+    from reopold.tasks import ArithmeticTask, EpisodicTask
+    from reopold.tasks.image_tools import ImageToolPromptTask
+
+    assert isinstance(task, EpisodicTask) and issubclass(ImageToolPromptTask, EpisodicTask)
+    assert not isinstance(ArithmeticTask(), EpisodicTask)  # single-turn: build_episodes returns None

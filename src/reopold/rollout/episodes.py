@@ -227,10 +227,11 @@ def build_episodes(task, tokenizer, *, chat_template: bool, max_turns: int, max_
     with a vision-language student's ``processor``, by its template with images (VisionChatFormat)."""
     from reopold.environments.tools import call_format_for
     from reopold.rollout.turns import ChatTemplateFormat, PlainFormat, VisionChatFormat
+    from reopold.tasks import EpisodicTask
 
-    environment = getattr(task, "environment", None)
-    if environment is None:
+    if not isinstance(task, EpisodicTask):
         return None
+    environment = task.environment
     chat_template = chat_template or processor is not None
     call_format = call_format_for(tokenizer) if chat_template else "tag"
     probe = environment(call_format)

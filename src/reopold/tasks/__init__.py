@@ -4,7 +4,7 @@ JSONL / saved datasets (``prompts``), answer checkers and the char-level tokeniz
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from reopold.registry import TASKS
 from reopold.tasks.arithmetic import ArithmeticTask, Problem
@@ -30,6 +30,16 @@ class Task(Protocol):
         ...
 
 
+@runtime_checkable
+class EpisodicTask(Protocol):
+    """A task answered in multi-turn episodes (docs/tools.md): any task that also has this method."""
+
+    def environment(self, call_format: str):
+        """A fresh ``reopold.environments.Environment`` for one episode; ``call_format``: "json" (the chat
+        template has a tool-call format) or "tag" (``[name(args)]``), how the student writes its tool calls."""
+        ...
+
+
 def build_task(data) -> Task:
     """The task named by ``data.task`` (a registered name), built from the config's data section."""
     return TASKS.get(data.task).from_config(data)
@@ -40,4 +50,4 @@ def get_task(name: str, **kwargs) -> Task:
     return TASKS.get(name)(**kwargs)
 
 
-__all__ = ["TASKS", "ArithmeticTask", "Problem", "Task", "build_task", "build_tokenizer", "get_task"]
+__all__ = ["TASKS", "ArithmeticTask", "EpisodicTask", "Problem", "Task", "build_task", "build_tokenizer", "get_task"]
