@@ -218,9 +218,9 @@ def test_student_token_bytes_spell_its_text():
     assert b"".join(table[i] for i in ids) == b"347*26=1;2"  # EOS has no bytes
 
 
-@pytest.mark.parametrize("reading", ["auto", "canonical"])
+@pytest.mark.parametrize("reading", ["marginal", "canonical"])
 def test_a_served_pair_teacher_with_a_local_tokenizer_gives_the_local_trajectory(tmp_path, models, reading, capfd):
-    """reopold serve-teacher returns covers, so auto reads spans as marginal on both sides (and canonical too)."""
+    """reopold serve-teacher returns covers, so a served teacher reads spans as a local one, in both readings."""
     pair_teacher, _, student = models
     server = Running(pair_teacher)
     try:
@@ -234,8 +234,7 @@ def test_a_served_pair_teacher_with_a_local_tokenizer_gives_the_local_trajectory
         remote_run = train(from_dict(TrainConfig, remote))
     finally:
         server.close()
-    word = "marginal" if reading == "auto" else "canonical"
-    assert capfd.readouterr().err.count(f"({word})") == 2  # both runs' pre-flight lines
+    assert capfd.readouterr().err.count(f"({reading})") == 2  # both runs' pre-flight lines
     read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(read(local_run), read(remote_run), strict=True):
         for key in ("reward_mean", "reverse_kl", "multi_token_span_frac", "accuracy", "loss"):
@@ -322,19 +321,21 @@ def test_token_credit_trains_per_token_and_lowers_the_held_out_reverse_kl(tmp_pa
     assert all("multi_token_span_frac" not in r and math.isfinite(r["loss"]) for r in steps)
 
 
-def test_span_reading_of_a_server_without_covers():
-    """auto falls back to the teacher's own cut on a server that returns no covers (vLLM); an explicit marginal is
-    refused before training, with the setting that works."""
-    from reopold.config.schema import TeacherConfig
-    from reopold.train.teachers import _marginal
+def test_covers_from_a_servers_top_k_candidates(models):
+    """A server without covers (vLLM) gives top-k prompt_logprobs: the cover from the candidates that extend the
+    written token equals the full cover when they hold every extension, and bounds it from below otherwise."""
+    from reopold.core.marginal import cover_from_candidates, cover_logprobs, extensions
 
-    class NoCovers:
-        def supports_cover(self):
-            return False
-
-    spec = lambda reading: TeacherConfig(url="http://127.0.0.1:9", span_logprob=reading)
-    assert _marginal("teacher", spec("auto"), NoCovers()) is False
-    assert _marginal("teacher", spec("canonical"), NoCovers()) is False
-    assert _marginal("teacher", spec("auto"), None) is True  # a teacher in this process
-    with pytest.raises(ValueError, match="teacher.span_logprob: canonical"):
-        _marginal("teacher", spec("marginal"), NoCovers())
+    table = extensions(token_bytes(PAIRS))
+    g = torch.Generator().manual_seed(0)
+    logprobs = (torch.randn(64, len(PAIRS), generator=g, dtype=torch.float64) * 3).log_softmax(-1)
+    tokens = torch.tensor([PAIRS.convert_tokens_to_ids(c) for c in "0123456789"] * 6 + [PAIRS.eos_token_id] * 4)
+    full = cover_logprobs(logprobs, tokens, table)
+    everything = torch.arange(len(PAIRS)).expand(64, -1)
+    torch.testing.assert_close(cover_from_candidates(everything, logprobs, tokens, table), full, rtol=0, atol=1e-12)
+    top = logprobs.topk(20, dim=1).indices
+    candidates = torch.cat([top, tokens[:, None]], dim=1)  # vLLM returns the written token beside its top-k
+    partial = cover_from_candidates(candidates, logprobs.gather(1, candidates), tokens, table)
+    assert (partial <= full + 1e-12).all() and (partial >= logprobs[torch.arange(64), tokens] - 1e-12).all()
+    with pytest.raises(ValueError, match="written token"):
+        cover_from_candidates(top[:, :1], logprobs.gather(1, top[:, :1]), tokens, table)

@@ -467,3 +467,53 @@ def test_remote_teacher_against_a_vllm_openai_server_matches_the_local_teacher_a
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
+
+
+def test_covers_from_a_vllm_served_teacher_of_another_tokenizer(tmp_path):
+    """A vLLM server returns no covers, so the client takes them from its top-20 prompt_logprobs: a lower bound of
+    the local teacher's exact covers, equal where the written token's extensions are all among the 20."""
+    from reopold.core.marginal import extensions
+    from reopold.tasks.tokenizer import DIGIT_PAIRS
+    from reopold.teacher.cross import token_bytes
+    from reopold.teacher.remote import RemoteTeacher
+    from tests.tiny import make_model
+
+    pairs = build_tokenizer(merges=DIGIT_PAIRS)
+    path = make_model(tmp_path / "pair_teacher", hidden=64, layers=2, seed=1, sharpness=8.0, tokenizer=pairs)
+    port = free_port()
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path), "--host",
+               "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "128",
+               "--kv-cache-memory-bytes", str(64 << 20)]
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(url, server)
+        teacher = RemoteTeacher(url, str(path), timeout=60, retries=2)
+        assert teacher.check_tokenizer(pairs) and teacher.supports_cover() is False
+        generator = torch.Generator().manual_seed(0)
+        digits = [pairs.convert_tokens_to_ids(c) for c in "0123456789*=;"]
+        responses = [[digits[int(i)] for i in torch.randint(len(digits), (int(n),), generator=generator)] + [1]
+                     for n in torch.randint(2, 20, (12,), generator=generator)]
+        prompts = [pairs("347*26=")["input_ids"]] * 12
+        rollout = build_rollout(prompts, responses, [None] * 12, pad_token_id=pairs.pad_token_id,
+                                eos_token_id=pairs.eos_token_id)
+        table = extensions(token_bytes(pairs))
+        remote_lp, remote_cover = teacher.logprobs_and_cover(rollout, table)
+        local_lp, local_cover = LocalTeacher(load(path)).logprobs_and_cover(rollout, table)
+        mask = rollout.completion_mask
+        assert float((remote_lp - local_lp)[mask].abs().max()) < 1e-4
+        gap = (local_cover - remote_cover)[mask]
+        report(f"vLLM top-20 covers below the exact ones, max nats over {int(mask.sum())} tokens", float(gap.max()))
+        report("the same, mean nats", float(gap.mean()))
+        assert float(gap.min()) > -1e-4  # a lower bound
+        assert float((remote_cover - remote_lp)[mask].max()) > 0.01  # extensions among the candidates do count
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()

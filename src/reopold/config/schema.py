@@ -57,12 +57,12 @@ class TeacherConfig:
     tokenizer: str | None = option(None, "the teacher's tokenizer (name or path); None = teacher.model's. With "
                                    "teacher.url: a local copy of the served teacher's tokenizer, needed when it "
                                    "differs from the student's (span alignment, docs/cross_tokenizer.md)")
-    span_logprob: str = option("auto", "a teacher of another tokenizer: how a span's teacher log-prob is read. "
+    span_logprob: str = option("marginal", "a teacher of another tokenizer: how a span's teacher log-prob is read. "
                                "marginal: the probability of the span's text, summed over the teacher tokens that "
-                               "cross its end (needs the full distribution: a teacher in this process or reopold "
-                               "serve-teacher); canonical: the teacher's own cut, whose last token also bets on where "
-                               "the next token starts; auto: marginal where available (not vLLM), else canonical",
-                               choices=("auto", "marginal", "canonical"))
+                               "cross its end (exact for a teacher in this process or reopold serve-teacher; from a "
+                               "vLLM server's top-20 prompt_logprobs, a lower bound); canonical: the teacher's own "
+                               "cut, whose last token also bets on where the next token starts",
+                               choices=("marginal", "canonical"))
 
 
 @dataclass

@@ -109,6 +109,35 @@ def _cover(logprobs, tokens, order, first, counts) -> torch.Tensor:
     return safe + total.log()
 
 
+def cover_from_candidates(candidates: torch.Tensor, logprobs: torch.Tensor, tokens: torch.Tensor,
+                          table: Extensions) -> torch.Tensor:
+    """``cover_logprobs`` from a few next-token candidates per position instead of the whole distribution (a
+    server's top-k ``prompt_logprobs``): the log-sum-exp over the candidates that extend the written token, a lower
+    bound of the cover, exact when every extension with mass is among the candidates.
+
+    Args:
+        candidates: (N, K) int64 token ids, -1 for padding; each row must hold ``tokens[i]``.
+        logprobs: (N, K) their log-probs.
+        tokens: (N,) the written tokens.
+        table: ``extensions`` of the vocabulary.
+
+    Returns:
+        (N,) float64.
+    """
+    check_same_shape(candidates=candidates, logprobs=logprobs)
+    order, start, stop = table
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))  # each id's place in the sorted order
+    place = rank[candidates.clamp(min=0)]  # (N, K)
+    inside = (candidates >= 0) & (place >= start[tokens][:, None]) & (place < stop[tokens][:, None])
+    if not bool((inside & (candidates == tokens[:, None])).any(1).all()):
+        raise ValueError("every row's candidates must hold its written token")
+    earlier = torch.ones(candidates.shape[1], candidates.shape[1], dtype=torch.bool).tril(-1)  # (K, K) j < k
+    repeated = ((candidates[:, :, None] == candidates[:, None, :]) & earlier).any(2)  # (N, K) seen at an earlier k
+    inside = inside & ~repeated  # each id counted once
+    return torch.where(inside, logprobs.double(), torch.tensor(float("-inf"), dtype=torch.float64)).logsumexp(1)
+
+
 @torch.no_grad()
 def logprobs_and_cover(
     inputs: torch.Tensor,
@@ -177,4 +206,5 @@ def marginal_span_sums(teacher_logprobs: torch.Tensor, cover: torch.Tensor, alig
     return teacher_span_sums(teacher_logprobs, alignment) + _on_span_ends(shift, alignment)
 
 
-__all__ = ["Extensions", "cover_logprobs", "extensions", "logprobs_and_cover", "marginal_span_sums"]
+__all__ = ["Extensions", "cover_from_candidates", "cover_logprobs", "extensions", "logprobs_and_cover",
+           "marginal_span_sums"]

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from reopold.core.marginal import cover_from_candidates
 from reopold.rollout.batch import Rollout
 from reopold.teacher import SpanScores, TeacherUnavailable
 
@@ -20,6 +21,7 @@ from reopold.teacher import SpanScores, TeacherUnavailable
 # family drift apart (normalisation, byte fallback, whitespace handling).
 DEFAULT_PROBE = "Distill 12 + 30 = 42; naïve café, 東京 🙂\n\tdone."
 MAX_DELAY = 60.0  # seconds: the longest wait between two attempts
+TOP_K_COVER = 20  # candidates per position for covers from a server that returns none (vLLM's default max_logprobs)
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}  # HTTP codes worth retrying: timeouts, overload, a restarting server
 
 
@@ -52,6 +54,7 @@ class RemoteTeacher:
         self.batch_size = batch_size
         self.api_key = api_key
         self.sleep = sleep
+        self._covers: bool | None = None  # whether the server returns covers, once asked
 
     def score(self, rollout: Rollout) -> SpanScores:
         """One tokenizer: the token log-probs, no span alignment."""
@@ -66,22 +69,28 @@ class RemoteTeacher:
         """
         return self._score_rows(rollout, cover=False)[0]
 
-    def logprobs_and_cover(self, rollout: Rollout, table=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) log-probs and covers (``reopold.core.marginal``), computed by the server with its own tokenizer
-        (``table`` is not sent: pre-flight checked that the local copy tokenises as the server). Only ``reopold
-        serve-teacher`` returns covers (``supports_cover``)."""
-        return self._score_rows(rollout, cover=True)
+    def logprobs_and_cover(self, rollout: Rollout, table) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) log-probs and covers (``reopold.core.marginal``; ``table``: the ``extensions`` of the teacher's
+        vocabulary, from a local copy of its tokenizer that pre-flight checked against the server's). Exact where
+        the server returns covers (``reopold serve-teacher``); otherwise from its top-``TOP_K_COVER``
+        ``prompt_logprobs`` (vLLM), a lower bound (``cover_from_candidates``)."""
+        if self.supports_cover():
+            return self._score_rows(rollout, cover=True)
+        return self._score_rows(rollout, cover=False, top_k=TOP_K_COVER, table=table)
 
     def supports_cover(self) -> bool:
-        """Whether the server returns covers (``reopold serve-teacher`` does; vLLM does not)."""
-        try:
-            entries = self._prompt_logprobs([[0, 0]], cover=True)
-        except TeacherUnavailable:
-            return False
-        return isinstance(entries[0][1], dict) and all(isinstance(v, dict) and "cover" in v
-                                                       for v in entries[0][1].values())
+        """Whether the server returns covers (``reopold serve-teacher`` does; vLLM does not). Asked once."""
+        if self._covers is None:
+            try:
+                entries = self._prompt_logprobs([[0, 0]], cover=True)
+                self._covers = isinstance(entries[0][1], dict) and all(
+                    isinstance(v, dict) and "cover" in v for v in entries[0][1].values())
+            except TeacherUnavailable:
+                self._covers = False
+        return self._covers
 
-    def _score_rows(self, rollout: Rollout, cover: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _score_rows(self, rollout: Rollout, cover: bool, top_k: int = 0,
+                    table=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         prompt_length = rollout.prompt_length
         rows, sequences, masks = [], [], []
         for i in range(len(rollout)):
@@ -95,16 +104,18 @@ class RemoteTeacher:
             sequences.append(prompt.tolist() + response.tolist())
             masks.append(rollout.completion_mask[i].cpu())
         out = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32)  # (B, T)
-        covers = torch.zeros_like(out) if cover else None
+        covers = torch.zeros_like(out) if cover or top_k else None
         for start in range(0, len(sequences), self.batch_size):
             batch = sequences[start : start + self.batch_size]
-            for k, entries in enumerate(self._prompt_logprobs(batch, cover)):
+            for k, entries in enumerate(self._prompt_logprobs(batch, cover, top_k)):
                 row, sequence, mask = rows[start + k], batch[k], masks[start + k]
                 first = len(sequence) - int(mask.sum())  # index of the first response token in the sequence
                 values = [self._logprob(entries, j, sequence[j], cover) for j in range(first, len(sequence))]
                 out[row, mask] = torch.tensor([v[0] for v in values], dtype=torch.float32)
                 if cover:
                     covers[row, mask] = torch.tensor([v[1] for v in values], dtype=torch.float32)
+                elif top_k:
+                    covers[row, mask] = self._top_k_covers(entries, sequence, first, table)
         device = rollout.input_ids.device
         return out.to(device), None if covers is None else covers.to(device)
 
@@ -137,10 +148,23 @@ class RemoteTeacher:
         return local
 
     # ---- HTTP ------------------------------------------------------------------------------------------------
-    def _prompt_logprobs(self, batch: list[list[int]], cover: bool = False) -> list[list]:
-        """The ``prompt_logprobs`` list of each sequence of the batch, in order."""
+    def _top_k_covers(self, entries: list, sequence: list[int], first: int, table) -> torch.Tensor:
+        """Covers of ``sequence[first:]`` from each position's top-k candidates (the token itself among them)."""
+        rows = [[(int(key), float(item["logprob"] if isinstance(item, dict) else item))
+                 for key, item in entries[j].items()] for j in range(first, len(sequence))]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), -1, dtype=torch.long)
+        logprobs = torch.full((len(rows), width), float("-inf"), dtype=torch.float64)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor([t for t, _ in row])
+            logprobs[i, : len(row)] = torch.tensor([v for _, v in row], dtype=torch.float64)
+        return cover_from_candidates(ids, logprobs, torch.tensor(sequence[first:]), table).float()
+
+    def _prompt_logprobs(self, batch: list[list[int]], cover: bool = False, top_k: int = 0) -> list[list]:
+        """The ``prompt_logprobs`` list of each sequence of the batch, in order (with ``top_k`` more candidates at
+        each position)."""
         body = {
-            "model": self.model, "prompt": batch, "echo": True, "max_tokens": 0, "prompt_logprobs": 0,
+            "model": self.model, "prompt": batch, "echo": True, "max_tokens": 0, "prompt_logprobs": top_k,
             "temperature": 1.0, "top_p": 1.0, "top_k": -1,
         }  # fmt: skip
         if cover:

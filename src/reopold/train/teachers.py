@@ -27,7 +27,7 @@ from reopold.teacher.cross import (
     token_bytes,
 )
 from reopold.teacher.local import LocalTeacher
-from reopold.teacher.remote import RemoteTeacher
+from reopold.teacher.remote import TOP_K_COVER, RemoteTeacher
 from reopold.teacher.routed import RoutedTeacher, check_routes
 from reopold.train.distributed import whole_models
 from reopold.train.preflight import check_teacher_sees_images, preflight_teacher, teacher_api_key
@@ -67,7 +67,7 @@ def plan_teachers(config: TrainConfig, student_tokenizer, student_name: str) -> 
             _check_spans(config, key, student_tokenizer, tokenizer, student_name, tokenizer_name)
         if remote is not None:
             remote.check_tokenizer(tokenizer)  # the local copy tokenises as the server does
-        marginal = mode == SPANS and _marginal(key, spec, remote)
+        marginal = mode == SPANS and spec.span_logprob == "marginal"  # served: covers or top-k (RemoteTeacher)
         plans.append(TeacherPlan(name, key, spec, tokenizer, mode, remote, marginal))
     return plans
 
@@ -79,24 +79,11 @@ def describe(plan: TeacherPlan, student_tokenizer) -> str:
         return f"{where}: the student's vocabulary: exact token rewards (Eq. 3)"
     reading = ("the probability of each span's text (marginal)" if plan.marginal else
                "the teacher's own cut (canonical)")
+    if plan.marginal and plan.remote is not None and not plan.remote.supports_cover():
+        reading += f", its covers from the server's top-{TOP_K_COVER} log-probs (a lower bound)"
     return (f"{where}: another tokenizer ({len(plan.tokenizer)} vs the student's {len(student_tokenizer)} tokens): "
             f"span alignment, rewards per span of the same bytes, teacher log-probs read as {reading} "
             "(docs/cross_tokenizer.md)")
-
-
-def _marginal(key: str, spec: TeacherConfig, remote: RemoteTeacher | None) -> bool:
-    """teacher.span_logprob resolved: marginal (the probability of each span's text) needs the teacher's full
-    next-token distribution, so a served teacher gives it only when the server returns covers (reopold
-    serve-teacher does, vLLM does not); auto falls back to canonical there, an explicit marginal is refused."""
-    if spec.span_logprob == "canonical":
-        return False
-    if remote is None or remote.supports_cover():
-        return True
-    if spec.span_logprob == "marginal":
-        raise ValueError(f"{key}.span_logprob=marginal needs covers (the teacher's full next-token distribution), "
-                         f"which the server at {spec.url} does not return (reopold serve-teacher does; vLLM does "
-                         f"not): set {key}.span_logprob: canonical (or auto)")
-    return False
 
 
 def _check_spans(config: TrainConfig, key: str, student_tokenizer, teacher_tokenizer, student_name: str,
