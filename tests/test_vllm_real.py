@@ -9,6 +9,7 @@ Everything runs in fp32, so vLLM and Hugging Face should agree to float rounding
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -413,10 +414,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_remote_teacher_against_a_vllm_openai_server_matches_the_local_teacher_and_trains(tmp_path):
-    from reopold.teacher.remote import RemoteTeacher
-
-    path = make_student(tmp_path / "teacher", tied=False, seed=4)
+@contextlib.contextmanager
+def vllm_server(path: Path, tmp_path: Path):
+    """vLLM's OpenAI server for the model at ``path`` on a free loopback port: yields (url, process); stopped with
+    the engine process it started."""
     port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path), "--host",
                "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "128",
@@ -425,7 +426,22 @@ def test_remote_teacher_against_a_vllm_openai_server_matches_the_local_teacher_a
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                               start_new_session=True)
     try:
-        url = f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+def test_remote_teacher_against_a_vllm_openai_server_matches_the_local_teacher_and_trains(tmp_path):
+    from reopold.teacher.remote import RemoteTeacher
+
+    path = make_student(tmp_path / "teacher", tied=False, seed=4)
+    with vllm_server(path, tmp_path) as (url, server):
         report("OpenAI server start-up seconds (until /health answers)", wait_until_healthy(url, server))
         teacher = RemoteTeacher(url, str(path), timeout=60, retries=2)
         tokenizer = build_tokenizer()
@@ -459,14 +475,6 @@ def test_remote_teacher_against_a_vllm_openai_server_matches_the_local_teacher_a
         steps = [r for r in rows if r["kind"] == "train"]
         assert len(steps) == 2 and all(math.isfinite(r["loss"]) and not r["skipped"] for r in steps)
         assert all(math.isfinite(r["reverse_kl"]) for r in rows if r["kind"] == "eval")
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and the engine process it started
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
 
 
 def test_covers_from_a_vllm_served_teacher_of_another_tokenizer(tmp_path):
@@ -480,15 +488,7 @@ def test_covers_from_a_vllm_served_teacher_of_another_tokenizer(tmp_path):
 
     pairs = build_tokenizer(merges=DIGIT_PAIRS)
     path = make_model(tmp_path / "pair_teacher", hidden=64, layers=2, seed=1, sharpness=8.0, tokenizer=pairs)
-    port = free_port()
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path), "--host",
-               "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "128",
-               "--kv-cache-memory-bytes", str(64 << 20)]
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                              start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
+    with vllm_server(path, tmp_path) as (url, server):
         wait_until_healthy(url, server)
         teacher = RemoteTeacher(url, str(path), timeout=60, retries=2)
         assert teacher.check_tokenizer(pairs) and teacher.supports_cover() is False
@@ -509,11 +509,3 @@ def test_covers_from_a_vllm_served_teacher_of_another_tokenizer(tmp_path):
         report("the same, mean nats", float(gap.mean()))
         assert float(gap.min()) > -1e-4  # a lower bound
         assert float((remote_cover - remote_lp)[mask].max()) > 0.01  # extensions among the candidates do count
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()

@@ -49,6 +49,7 @@ class Extensions(NamedTuple):
     order: torch.Tensor  # (N,) int64 token ids: those with bytes sorted by their bytes, then those without
     start: torch.Tensor  # (V,) int64
     stop: torch.Tensor  # (V,) int64
+    rank: torch.Tensor  # (V,) int64 each id's place in ``order``: u extends t iff start[t] <= rank[u] < stop[t]
 
 
 def extensions(table: Sequence[bytes]) -> Extensions:
@@ -66,8 +67,11 @@ def extensions(table: Sequence[bytes]) -> Extensions:
         if not piece:
             start[i], stop[i] = len(order), len(order) + 1
             order.append(i)
+    rank = [0] * len(table)
+    for place, i in enumerate(order):
+        rank[i] = place
     as_long = lambda x: torch.tensor(x, dtype=torch.int64)
-    return Extensions(as_long(order), as_long(start), as_long(stop))
+    return Extensions(as_long(order), as_long(start), as_long(stop), as_long(rank))
 
 
 def cover_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, table: Extensions) -> torch.Tensor:
@@ -86,7 +90,7 @@ def cover_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, table: Extensio
         raise ValueError(f"logprobs must be (N, V) and tokens (N,); got {tuple(logprobs.shape)} and "
                          f"{tuple(tokens.shape)}")
     device = logprobs.device
-    order, start, stop = (t.to(device) for t in table)
+    order, start, stop, _ = (t.to(device) for t in table)
     counts = stop[tokens] - start[tokens]  # (N,) extensions per row: up to a large share of a BPE vocabulary
     ends = counts.cumsum(0)
     if len(tokens) > 1 and int(ends[-1]) > MAX_PAIRS:  # bound the (row, extension) pairs held at once
@@ -125,9 +129,7 @@ def cover_from_candidates(candidates: torch.Tensor, logprobs: torch.Tensor, toke
         (N,) float64.
     """
     check_same_shape(candidates=candidates, logprobs=logprobs)
-    order, start, stop = table
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(order))  # each id's place in the sorted order
+    _, start, stop, rank = table
     place = rank[candidates.clamp(min=0)]  # (N, K)
     inside = (candidates >= 0) & (place >= start[tokens][:, None]) & (place < stop[tokens][:, None])
     if not bool((inside & (candidates == tokens[:, None])).any(1).all()):

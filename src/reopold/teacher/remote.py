@@ -105,6 +105,7 @@ class RemoteTeacher:
             masks.append(rollout.completion_mask[i].cpu())
         out = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32)  # (B, T)
         covers = torch.zeros_like(out) if cover or top_k else None
+        candidates = []  # top-k: (row, mask, each position's candidate entries, the written tokens)
         for start in range(0, len(sequences), self.batch_size):
             batch = sequences[start : start + self.batch_size]
             for k, entries in enumerate(self._prompt_logprobs(batch, cover, top_k)):
@@ -115,7 +116,11 @@ class RemoteTeacher:
                 if cover:
                     covers[row, mask] = torch.tensor([v[1] for v in values], dtype=torch.float32)
                 elif top_k:
-                    covers[row, mask] = self._top_k_covers(entries, sequence, first, table)
+                    candidates.append((row, mask, entries[first:], sequence[first:]))
+        if candidates:  # one pass over every position of every row
+            covers_of = _top_k_covers([c[2] for c in candidates], [c[3] for c in candidates], table)
+            for (row, mask, _, _), values in zip(candidates, covers_of, strict=True):
+                covers[row, mask] = values
         device = rollout.input_ids.device
         return out.to(device), None if covers is None else covers.to(device)
 
@@ -148,18 +153,6 @@ class RemoteTeacher:
         return local
 
     # ---- HTTP ------------------------------------------------------------------------------------------------
-    def _top_k_covers(self, entries: list, sequence: list[int], first: int, table) -> torch.Tensor:
-        """Covers of ``sequence[first:]`` from each position's top-k candidates (the token itself among them)."""
-        rows = [[(int(key), float(item["logprob"] if isinstance(item, dict) else item))
-                 for key, item in entries[j].items()] for j in range(first, len(sequence))]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), -1, dtype=torch.long)
-        logprobs = torch.full((len(rows), width), float("-inf"), dtype=torch.float64)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor([t for t, _ in row])
-            logprobs[i, : len(row)] = torch.tensor([v for _, v in row], dtype=torch.float64)
-        return cover_from_candidates(ids, logprobs, torch.tensor(sequence[first:]), table).float()
-
     def _prompt_logprobs(self, batch: list[list[int]], cover: bool = False, top_k: int = 0) -> list[list]:
         """The ``prompt_logprobs`` list of each sequence of the batch, in order (with ``top_k`` more candidates at
         each position)."""
@@ -255,3 +248,17 @@ def _error_detail(err: urllib.error.HTTPError) -> str:
         if message:
             return str(message)[:300]
     return text[:300]
+
+
+def _top_k_covers(positions: list[list[dict]], tokens: list[list[int]], table) -> list[torch.Tensor]:
+    """Per row, the covers of its written ``tokens`` from each position's top-k candidate entries (``{"<id>":
+    {"logprob"}}``, the written token among them): one ``cover_from_candidates`` over all rows' positions."""
+    flat = [[(int(key), float(item["logprob"] if isinstance(item, dict) else item)) for key, item in entry.items()]
+            for row in positions for entry in row]
+    width = max(map(len, flat))
+    ids = torch.tensor([[t for t, _ in c] + [-1] * (width - len(c)) for c in flat], dtype=torch.long)
+    logprobs = torch.tensor([[v for _, v in c] + [float("-inf")] * (width - len(c)) for c in flat],
+                            dtype=torch.float64)
+    written = torch.tensor([t for row in tokens for t in row], dtype=torch.long)
+    values = cover_from_candidates(ids, logprobs, written, table).float()
+    return list(values.split([len(row) for row in tokens]))
