@@ -178,8 +178,9 @@ class CrossTokenizerTeacher:
         student_tokenizer: the student's tokenizer (its sampled tokens' bytes, its EOS).
         encode: problem prompt -> the teacher's prompt ids (``PromptEncoder(teacher_tokenizer, ...)``).
         marginal: read each span's teacher log-prob as the probability of its text, marginalised over the teacher
-            tokens that cross the span's end (``reopold.core.marginal``) with ``inner.logprobs_and_cover`` (a teacher
-            in this process, or ``reopold serve-teacher``). False: the teacher's canonical cut as it is.
+            tokens that cross the span's end (``reopold.core.marginal``) with ``inner.logprobs_and_cover`` (exact in
+            this process and from ``reopold serve-teacher``; from a vLLM server's top-k log-probs, a lower bound).
+            False: the teacher's canonical cut as it is.
     """
 
     def __init__(self, inner, teacher_tokenizer, student_tokenizer, encode, *, marginal: bool = False):
